@@ -1,0 +1,41 @@
+# CFR Factory: `make demo` runs the main job on the embedded synthetic data,
+# `make test` runs lint and the test suite. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+export HF_HUB_OFFLINE := 1
+export DAGSTER_HOME   ?= $(CURDIR)/dagster_home
+
+.PHONY: install demo test lint format ui clean
+
+# torch and torchvision go in first and pinned, so that no other torch is ever
+# resolved (2.14.1 + 0.29.1 is the pair whose torchvision ops load).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cfr demo --home "$(DAGSTER_HOME)"
+
+test: lint
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+ui: $(STAMP)
+	$(BIN)/dagster dev -w workspace.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

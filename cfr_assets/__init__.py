@@ -1,0 +1,1 @@
+"""CFR Factory's Dagster pipeline. Only this package imports dagster; it calls cfr_core."""

@@ -1,0 +1,183 @@
+"""Reading and writing the files of an MVTec 3D-AD style dataset.
+
+Readers validate what they return (decodes, dtype, shape) and raise
+:class:`~cfr_core.errors.DataError` naming the file; writers never leave a
+half-written file behind (temp file in the same folder, then rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+
+from cfr_core.errors import DataError
+
+_HASH_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(_HASH_CHUNK), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise DataError(f"cannot read file for hashing: {exc.strerror}", path) from exc
+    return digest.hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
+
+    On any exception the temporary file is removed and ``path`` is untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``path``.
+
+    A non-empty existing ``path`` is refused unless ``overwrite``; on any
+    exception the temporary folder is deleted and ``path`` is untouched.
+    """
+    target = Path(path)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise DataError(
+            "output folder exists and is not empty",
+            target,
+            "choose another folder or pass --overwrite",
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual folder mode
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _require_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise DataError(f"{what} file is missing", path, "check the path or re-copy the scan")
+    if not path.is_file():
+        raise DataError(f"{what} path is not a regular file", path)
+    if path.stat().st_size == 0:
+        raise DataError(f"{what} file is empty (0 bytes)", path, "re-copy the scan")
+
+
+def load_image(path: str | Path, what: str, fix: str) -> Image.Image:
+    """Open and fully decode an image file; a clear DataError when it is missing or corrupt."""
+    path = Path(path)
+    _require_file(path, what)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{what} does not decode ({exc})", path, fix) from exc
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read a colour image as uint8 H×W×3 (grey, palette and RGBA are converted)."""
+    img = load_image(path, "RGB image", "re-export or re-copy the image")
+    if img.mode not in ("RGB", "L", "RGBA", "P"):
+        raise DataError(
+            f"unsupported image mode {img.mode!r}; expected 8-bit colour",
+            path,
+            "save it as 8-bit RGB PNG",
+        )
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    if arr.shape[0] < 2 or arr.shape[1] < 2:
+        raise DataError(f"RGB image has unusable shape {arr.shape}", path)
+    return arr
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a ground-truth mask PNG as a bool H×W array (any value > 0 is defect)."""
+    arr = np.asarray(load_image(path, "ground-truth mask", "re-export the mask as PNG"))
+    if arr.ndim == 3:
+        arr = arr.max(axis=2)
+    if arr.ndim != 2:
+        raise DataError(f"mask has unusable shape {arr.shape}", path)
+    return arr > 0
+
+
+def read_xyz(path: str | Path) -> np.ndarray:
+    """Read an organized point cloud TIFF as float32 H×W×3.
+
+    Values are returned exactly as stored (NaN and inf included); use
+    :func:`cfr_core.data.pointcloud.sanitize` to turn them into missing points.
+    """
+    path = Path(path)
+    _require_file(path, "point cloud")
+    try:
+        arr = tifffile.imread(path)
+    except Exception as exc:  # tifffile raises many unrelated types on corrupt input
+        raise DataError(
+            f"point cloud TIFF does not decode ({type(exc).__name__}: {exc})",
+            path,
+            "the file is probably truncated; re-copy it from the scanner",
+        ) from exc
+    arr = np.asarray(arr)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise DataError(f"point cloud has shape {arr.shape}; expected H×W×3", path)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise DataError(f"point cloud has dtype {arr.dtype}; expected float32 metres", path)
+    return arr.astype(np.float32, copy=False)
+
+
+def write_rgb(path: str | Path, rgb: np.ndarray) -> None:
+    """Write uint8 H×W×3 as PNG, atomically."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise DataError(f"write_rgb expects uint8 H×W×3, got {rgb.dtype} {rgb.shape}", path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgb, "RGB").save(tmp, format="PNG")
+
+
+def write_mask(path: str | Path, mask: np.ndarray) -> None:
+    """Write a bool/0-1 H×W mask as an 8-bit PNG with values 0 and 255, atomically."""
+    if mask.ndim != 2:
+        raise DataError(f"write_mask expects H×W, got {mask.shape}", path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8), "L").save(tmp, format="PNG")
+
+
+def write_xyz(path: str | Path, xyz: np.ndarray) -> None:
+    """Write float H×W×3 as a float32 TIFF, atomically."""
+    if xyz.ndim != 3 or xyz.shape[2] != 3:
+        raise DataError(f"write_xyz expects H×W×3, got {xyz.shape}", path)
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, np.ascontiguousarray(xyz, dtype=np.float32), photometric="rgb")

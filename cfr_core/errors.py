@@ -1,0 +1,45 @@
+"""Exceptions raised by cfr_core.
+
+Every error names what was wrong and, where possible, the file involved and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CFRError(Exception):
+    """Base class of all errors raised by cfr_core."""
+
+
+class DataError(CFRError):
+    """Bad input data: a missing, unreadable or malformed file, or an unusable dataset."""
+
+    def __init__(self, message: str, path: str | Path | None = None, fix: str | None = None):
+        self.path = Path(path) if path is not None else None
+        self.reason = message
+        self.fix = fix
+        text = f"{self.path}: {message}" if self.path is not None else message
+        if fix:
+            text += f" ({fix})"
+        super().__init__(text)
+
+
+class DatasetLayoutError(DataError):
+    """A dataset folder does not follow the expected MVTec 3D-AD / Eyecandies layout."""
+
+
+class EmptyCategoryError(DataError):
+    """A category or split holds no usable samples."""
+
+
+class ShapeMismatchError(DataError):
+    """Arrays that must agree in shape do not (RGB vs xyz vs mask, maps vs masks)."""
+
+
+class ConfigError(CFRError, ValueError):
+    """An invalid configuration value."""
+
+
+class MetricError(CFRError, ValueError):
+    """Inputs for which a metric is undefined (one class only, mismatched shapes, NaN)."""
