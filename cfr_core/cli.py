@@ -307,5 +307,8 @@ def demo(home: Path, size: int, seed: int):
     click.secho("OK: demo data generated and checked", bold=True)
 
 
+# the model commands register themselves on `main`
+from cfr_core import cli_model  # noqa: E402, F401
+
 if __name__ == "__main__":  # pragma: no cover
     main()

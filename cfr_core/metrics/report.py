@@ -60,13 +60,18 @@ def compute_report(
     masks: np.ndarray,
     limits: tuple[float, ...] = AUPRO_LIMITS,
     thresholds: int | np.ndarray | None = None,
+    pixel_maps: np.ndarray | None = None,
 ) -> MetricReport:
-    """All metrics of one test set. AUPRO is NaN when the set has no defect pixel."""
+    """All metrics of one test set. AUPRO is NaN when the set has no defect pixel.
+
+    ``maps`` feed AUPRO; ``pixel_maps`` (default: ``maps``) feed P-AUROC, for
+    methods that normalise the two differently.
+    """
     labels = np.asarray(labels)
     masks = np.asarray(masks) > 0
     if masks.any():
         pro = aupro_multi(maps, masks, limits, thresholds)
-        p_auroc = pixel_auroc(maps, masks)
+        p_auroc = pixel_auroc(maps if pixel_maps is None else pixel_maps, masks)
     else:
         pro, p_auroc = {lim: math.nan for lim in limits}, math.nan
     return MetricReport(

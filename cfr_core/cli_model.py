@@ -1,0 +1,286 @@
+"""``cfr fit``, ``cfr evaluate`` and ``cfr score``: fit a detector, measure it, use it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import click
+import numpy as np
+
+from cfr_core.cli import _fail_cleanly, _progress, main
+from cfr_core.config import METHODS, ExtractorConfig, FitConfig
+from cfr_core.errors import ConfigError
+
+MODEL_OPTION = click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder from `cfr fit`.",
+)
+
+
+def _extractor_config(
+    preset: str, rgb_weights, points_weights, random_weights: bool, grid: int
+) -> ExtractorConfig:
+    cfg = ExtractorConfig.preset(preset, grid=grid)
+    if preset == "paper":
+        rgb_opts = {"checkpoint": str(rgb_weights)} if rgb_weights else {}
+        pts_opts = {"checkpoint": str(points_weights)} if points_weights else {}
+        if random_weights:
+            rgb_opts["allow_random_weights"] = pts_opts["allow_random_weights"] = True
+        cfg = replace(cfg, rgb_options=rgb_opts, points_options=pts_opts)
+    elif rgb_weights or points_weights or random_weights:
+        raise ConfigError(
+            "--rgb-weights / --points-weights / --allow-random-weights need --extractors paper"
+        )
+    return cfg
+
+
+def _training_progress(stage: str, epoch: int, epochs: int, loss: float) -> None:
+    if epoch == epochs or epoch % max(1, epochs // 10) == 0:
+        click.echo(f"  {stage}: epoch {epoch}/{epochs}  loss {loss:.4f}", err=True)
+
+
+def load_checked(model_dir: Path):
+    """Load a model and its extractors; refuse extractors that differ from the fitted ones."""
+    from cfr_core.engine.features import build_extractors
+    from cfr_core.io.artifacts import load_model
+
+    model = load_model(model_dir)
+    extractors = build_extractors(model.config.extractors)
+    got = {"rgb": extractors[0].lineage_id, "points": extractors[1].lineage_id}
+    if got != model.extractor_ids:
+        raise ConfigError(
+            f"extractors {got} differ from those the model was fitted with {model.extractor_ids}; "
+            "point to the same weight files or refit"
+        )
+    return model, extractors
+
+
+@main.command("fit")
+@click.option(
+    "--data", "root", required=True, type=click.Path(path_type=Path), help="Dataset root."
+)
+@click.option("--category", "-c", required=True, help="Category folder under the root.")
+@click.option(
+    "--shots",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Normal samples to learn from.",
+)
+@click.option("--seed", default=42, show_default=True, type=int, help="Few-shot selection seed.")
+@click.option("--method", type=click.Choice(list(METHODS)), default="cfr", show_default=True)
+@click.option(
+    "--extractors",
+    "preset",
+    type=click.Choice(["offline", "paper"]),
+    default="offline",
+    show_default=True,
+    help="offline: FPFH + colour-texture (no weights); paper: DINO ViT-B/8 + Point-MAE.",
+)
+@click.option(
+    "--rgb-weights",
+    type=click.Path(path_type=Path),
+    help="DINO checkpoint (dino_vitbase8_pretrain.pth).",
+)
+@click.option(
+    "--points-weights", type=click.Path(path_type=Path), help="Point-MAE checkpoint (pretrain.pth)."
+)
+@click.option(
+    "--allow-random-weights",
+    is_flag=True,
+    help="Paper extractors with random weights (timing only).",
+)
+@click.option(
+    "--grid", default=224, show_default=True, type=click.IntRange(8), help="Feature grid size."
+)
+@click.option("--theta", type=float, help="Replacement threshold θ (default 0.4; Eyecandies: 0.2).")
+@click.option(
+    "--epochs", type=click.IntRange(1), help="Override mapper and retriever epochs (default 100)."
+)
+@click.option(
+    "--cache", type=click.Path(path_type=Path), help="Feature cache folder (reused across fits)."
+)
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="Model folder to write."
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_fail_cleanly
+def fit_cmd(
+    root,
+    category,
+    shots,
+    seed,
+    method,
+    preset,
+    rgb_weights,
+    points_weights,
+    allow_random_weights,
+    grid,
+    theta,
+    epochs,
+    cache,
+    out,
+    overwrite,
+):
+    """Fit a detector for one category from SHOTS normal samples; write a model folder.
+
+    The folder is self-contained: config JSON, weights and banks as safetensors,
+    the shot files with their sha256, and the pass/fail threshold calibrated on
+    normal samples the model did not see (validation/good).
+    """
+    from cfr_core.engine.features import FeatureCache
+    from cfr_core.engine.fit import fit
+    from cfr_core.io.artifacts import save_model
+
+    cfg = FitConfig.for_method(
+        method,
+        shots=shots,
+        fewshot_seed=seed,
+        extractors=_extractor_config(
+            preset, rgb_weights, points_weights, allow_random_weights, grid
+        ),
+    )
+    if theta is not None:
+        cfg = replace(cfg, scoring=replace(cfg.scoring, theta=theta))
+    if epochs is not None:
+        cfg = replace(
+            cfg,
+            mappers=replace(cfg.mappers, epochs=epochs),
+            retriever=replace(cfg.retriever, epochs=epochs),
+        )
+    click.echo(f"fitting {method} on {shots} shot(s) of {category} ({preset} extractors)", err=True)
+    model = fit(
+        root, category, cfg, FeatureCache(cache) if cache else None, progress=_training_progress
+    )
+    digest = save_model(model, out, overwrite=overwrite)
+    click.echo(f"shots: {', '.join(s.key for s in model.shots)}")
+    click.echo(f"threshold: {model.threshold:.4f} (from {model.threshold_source})")
+    click.echo(f"model: {out}  (content hash {digest[:16]})")
+
+
+@main.command("evaluate")
+@MODEL_OPTION
+@click.option(
+    "--data", "root", required=True, type=click.Path(path_type=Path), help="Dataset root."
+)
+@click.option(
+    "--json", "json_out", type=click.Path(path_type=Path), help="Write the metrics as JSON here."
+)
+@click.option(
+    "--maps",
+    "maps_dir",
+    type=click.Path(path_type=Path),
+    help="Save anomaly-map overlays (PNG) here.",
+)
+@click.option("--cache", type=click.Path(path_type=Path), help="Feature cache folder.")
+@_fail_cleanly
+def evaluate_cmd(model_dir, root, json_out, maps_dir, cache):
+    """Score every test sample of the model's category and report the metrics."""
+    from cfr_core.data.io import atomic_path
+    from cfr_core.engine.features import FeatureCache
+    from cfr_core.engine.fit import evaluate, test_samples
+
+    model, extractors = load_checked(model_dir)
+    ev = evaluate(
+        model, root, FeatureCache(cache) if cache else None, extractors, _progress("scoring")
+    )
+    r = ev.report
+    payload = {
+        "category": model.category,
+        "method": model.config.method,
+        "shots": model.config.shots,
+        "seed": model.config.fewshot_seed,
+        "image_auroc": r.image_auroc,
+        "pixel_auroc": r.pixel_auroc,
+        "aupro": r.to_dict()["aupro"],
+        "n_test": r.n_test,
+        "replacement_rate": ev.replacement_rate,
+        "threshold": model.threshold,
+        "flagged": int((ev.scores > model.threshold).sum())
+        if model.threshold is not None
+        else None,
+    }
+    click.echo(
+        f"{model.category}  {model.config.method}  {model.config.shots}-shot  n_test {r.n_test}"
+    )
+    click.echo(r.summary())
+    if json_out:
+        with atomic_path(json_out) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        click.echo(f"metrics: {json_out}")
+    if maps_dir:
+        from cfr_core.data.prepare import prepare_sample
+        from cfr_core.scoring.overlay import overlay, save_overlay
+
+        samples = test_samples(root, model.category)
+        vmax = float(np.quantile(ev.result.maps.numpy(), 0.999))
+        for i, sample in enumerate(samples):
+            scan = prepare_sample(sample, model.config.preprocess)
+            pic = overlay(scan.rgb, ev.result.maps[i].numpy(), vmax, ev.masks[i].numpy())
+            verdict = (
+                "FAIL" if model.threshold is not None and ev.scores[i] > model.threshold else "pass"
+            )
+            save_overlay(
+                Path(maps_dir) / f"{sample.defect}_{sample.stem}.png",
+                pic,
+                f"{sample.defect} {sample.stem}  score {ev.scores[i]:.2f}  {verdict}",
+            )
+        click.echo(f"anomaly maps: {maps_dir}")
+
+
+@main.command("score")
+@MODEL_OPTION
+@click.argument("rgb", type=click.Path(path_type=Path))
+@click.argument("xyz", type=click.Path(path_type=Path))
+@click.option(
+    "--heatmap", type=click.Path(path_type=Path), help="Save the anomaly map over the image (PNG)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@_fail_cleanly
+def score_cmd(model_dir, rgb, xyz, heatmap, as_json):
+    """Score one scan (RGB PNG + organized xyz TIFF): score, threshold, PASS/FAIL."""
+    from cfr_core.data.io import read_rgb, read_xyz
+    from cfr_core.data.prepare import prepare_arrays
+    from cfr_core.engine.features import features_of_scans
+    from cfr_core.engine.infer import infer
+    from cfr_core.errors import DataError, ShapeMismatchError
+
+    model, extractors = load_checked(model_dir)
+    image, cloud = read_rgb(rgb), read_xyz(xyz)
+    if image.shape[:2] != cloud.shape[:2]:
+        raise ShapeMismatchError(
+            f"RGB is {image.shape[1]}×{image.shape[0]} but the cloud is "
+            f"{cloud.shape[1]}×{cloud.shape[0]}",
+            xyz,
+        )
+    try:
+        scan = prepare_arrays(image, cloud, None, model.config.preprocess, key=str(rgb))
+    except DataError as exc:
+        raise DataError(exc.reason, xyz, exc.fix) from exc
+    result = infer(model, features_of_scans([scan], extractors))
+    score = float(result.scores[0])
+    verdict = "FAIL" if model.threshold is not None and score > model.threshold else "PASS"
+    if heatmap:
+        from cfr_core.scoring.overlay import overlay, save_overlay
+
+        vmax = max(float(result.maps.max()), 1e-12)
+        save_overlay(
+            heatmap, overlay(scan.rgb, result.maps[0].numpy(), vmax), f"score {score:.3f} {verdict}"
+        )
+    out = {
+        "score": score,
+        "threshold": model.threshold,
+        "verdict": verdict,
+        "category": model.category,
+    }
+    if as_json:
+        click.echo(json.dumps(out))
+    else:
+        click.echo(f"score {score:.4f}  threshold {model.threshold:.4f}  {verdict}")
+    sys.stdout.flush()

@@ -1,0 +1,206 @@
+"""Configuration: frozen dataclasses whose defaults reproduce the paper (method.md).
+
+A :class:`FitConfig` fully describes how a model is fitted; it is stored as JSON
+in every model folder and recorded in lineage, so it must round-trip exactly
+(:meth:`FitConfig.to_dict` / :meth:`FitConfig.from_dict`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from cfr_core.data.pointcloud import PreprocessConfig
+from cfr_core.errors import ConfigError
+
+#: methods served by one code path (see :data:`METHODS` for what each means)
+METHODS: dict[str, str] = {
+    "cfr": "cyclic GeGLU mappers; unreliable 3D->RGB reconstructions replaced by the attention retriever",
+    "cfm": "CFM baseline: deterministic 3-layer MLP mappers, two direct loss terms, no replacement",
+    "cfr-noreplace": "cyclic GeGLU mappers, no replacement",
+    "cfr-nn": "cyclic GeGLU mappers; replacement by the value of the nearest 3D key",
+    "cfr-cond": "cyclic GeGLU mappers; replacement by the top-k value closest to the observed RGB feature",
+    "btf": "retrieval only: nearest-neighbour distance in a coreset of concatenated RGB+3D features",
+}
+EXTRACTOR_PRESETS: dict[str, tuple[str, str]] = {
+    "offline": ("color_texture", "fpfh"),
+    "paper": ("dino_vit", "point_mae"),
+}
+#: training-free extractors: per-pixel features, noisier than 28×28 ViT patches
+OFFLINE_EXTRACTORS = frozenset({"color_texture", "fpfh"})
+PAPER_BLUR = ((5, 1),)
+CFM_BLUR = ((5, 5), (7, 3))
+
+
+@dataclass(frozen=True)
+class ExtractorConfig:
+    """Which frozen extractors make the per-pixel features, on what grid."""
+
+    rgb: str = "color_texture"
+    points: str = "fpfh"
+    grid: int = 224
+    rgb_options: dict[str, Any] = field(default_factory=dict)
+    points_options: dict[str, Any] = field(default_factory=dict)
+    # Standardise features per category (fitted on the shots). None: yes for the
+    # training-free extractors, no for the paper's (see cfr_core.engine.normalize).
+    standardize: bool | None = None
+
+    @property
+    def offline(self) -> bool:
+        return self.rgb in OFFLINE_EXTRACTORS or self.points in OFFLINE_EXTRACTORS
+
+    @property
+    def standardized(self) -> bool:
+        return self.offline if self.standardize is None else self.standardize
+
+    @classmethod
+    def preset(cls, name: str, **kwargs: Any) -> ExtractorConfig:
+        if name not in EXTRACTOR_PRESETS:
+            raise ConfigError(
+                f"unknown extractor preset {name!r}; choose from {list(EXTRACTOR_PRESETS)}"
+            )
+        rgb, points = EXTRACTOR_PRESETS[name]
+        return cls(rgb=rgb, points=points, **kwargs)
+
+
+@dataclass(frozen=True)
+class MapperConfig:
+    """Crossmodal mappers and their training (paper: GeGLU, four cyclic terms)."""
+
+    kind: str = "geglu"  # "geglu" (CFR) or "mlp" (CFM)
+    cyclic: bool = True
+    hidden: int | None = None  # None: max((d_rgb + d_3d) // 2, 256), i.e. 960 for 768/1152
+    lr: float = 1e-3
+    epochs: int = 100
+    seed: int = 115
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("geglu", "mlp"):
+            raise ConfigError(f"mapper kind must be 'geglu' or 'mlp', got {self.kind!r}")
+        if self.epochs < 1 or self.lr <= 0:
+            raise ConfigError("mapper epochs must be >= 1 and lr > 0")
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    """Memory banks built from all pixels of the shots, reduced by a greedy coreset."""
+
+    coreset_ratio: float = 0.1
+    projection_dim: int = 128
+    n_starts: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.coreset_ratio <= 1.0:
+            raise ConfigError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+
+
+@dataclass(frozen=True)
+class RetrieverConfig:
+    """Attention retriever (top-k keys by cosine, attention over their values)."""
+
+    top_k: int = 3
+    d_model: int = 128
+    lr: float = 1e-4
+    epochs: int = 100
+    max_queries: int = 20_000
+    max_bank: int = 20_000
+    seed: int = 115
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or self.d_model < 1 or self.epochs < 1:
+            raise ConfigError("retriever top_k, d_model and epochs must be >= 1")
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """Replacement threshold, blur and the conditional-replacement candidate count."""
+
+    theta: float = 0.4  # 0.4 for MVTec 3D-AD, 0.2 for Eyecandies
+    # (kernel, repeats) box filters. None: the paper's one 5×5 for the CFR family with
+    # the paper's extractors; CFM's five 5×5 + three 7×7 for CFM, and for every method
+    # with the training-free extractors, whose per-pixel maps are noisier.
+    blur: tuple[tuple[int, int], ...] | None = None
+    cond_top_k: int = 8  # cfr-cond: candidates among which the closest to the observed RGB wins
+    threshold_margin: float = 0.05  # decision threshold = max validation score * (1 + margin)
+
+    def __post_init__(self) -> None:
+        for kernel, repeats in self.blur or ():
+            if kernel < 1 or kernel % 2 == 0 or repeats < 0:
+                raise ConfigError(f"blur kernels must be odd and positive, got {self.blur}")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything that determines a fitted model."""
+
+    method: str = "cfr"
+    shots: int = 1
+    fewshot_seed: int = 42
+    extractors: ExtractorConfig = field(default_factory=ExtractorConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    mappers: MapperConfig = field(default_factory=MapperConfig)
+    banks: BankConfig = field(default_factory=BankConfig)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.shots < 1:
+            raise ConfigError(f"shots must be >= 1, got {self.shots}")
+        if self.scoring.blur is None:  # resolve, so that stored configs are explicit
+            heavy = self.method == "cfm" or self.extractors.offline
+            object.__setattr__(
+                self, "scoring", replace(self.scoring, blur=CFM_BLUR if heavy else PAPER_BLUR)
+            )
+
+    @classmethod
+    def for_method(cls, method: str, **kwargs: Any) -> FitConfig:
+        """Defaults of ``method``: CFM gets 3-layer MLP mappers with the two direct terms."""
+        if method == "cfm" and "mappers" not in kwargs:
+            kwargs["mappers"] = MapperConfig(kind="mlp", cyclic=False)
+        return cls(method=method, **kwargs)
+
+    @property
+    def uses_mappers(self) -> bool:
+        return self.method != "btf"
+
+    @property
+    def replacement(self) -> str | None:
+        """How unreliable reconstructions are replaced: attention, nn, cond or None."""
+        return {"cfr": "attention", "cfr-nn": "nn", "cfr-cond": "cond"}.get(self.method)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FitConfig:
+        parts = {
+            "extractors": ExtractorConfig,
+            "preprocess": PreprocessConfig,
+            "mappers": MapperConfig,
+            "banks": BankConfig,
+            "retriever": RetrieverConfig,
+            "scoring": ScoringConfig,
+        }
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            if f.name in parts:
+                value = _build(parts[f.name], value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+
+def _build(kind: type, data: dict[str, Any]):
+    known = {f.name for f in fields(kind)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown {kind.__name__} fields {sorted(unknown)}")
+    values = dict(data)
+    if kind is ScoringConfig and values.get("blur") is not None:
+        values["blur"] = tuple(tuple(int(x) for x in pair) for pair in values["blur"])
+    return kind(**values)

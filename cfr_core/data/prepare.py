@@ -1,0 +1,55 @@
+"""From raw files to the square, preprocessed scan that every extractor reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cfr_core.data.mvtec import Sample
+from cfr_core.data.pointcloud import PreprocessConfig, pad_to_square, preprocess
+from cfr_core.errors import DataError
+
+
+@dataclass(frozen=True)
+class PreparedScan:
+    """A preprocessed scan: RGB and cloud padded to the same square, plus the table plane.
+
+    ``mask`` is the ground truth padded like the images (all False for good parts).
+    ``plane`` is (unit normal (3,), offset) of the removed table, or None when the
+    cloud had no table left to fit (already background-free).
+    """
+
+    rgb: np.ndarray  # uint8 S×S×3
+    xyz: np.ndarray  # float32 S×S×3, zeros = missing or removed
+    mask: np.ndarray  # bool S×S
+    plane: tuple[np.ndarray, float] | None
+    key: str = ""
+
+
+def prepare_arrays(
+    rgb: np.ndarray,
+    xyz: np.ndarray,
+    mask: np.ndarray | None = None,
+    config: PreprocessConfig | None = None,
+    key: str = "",
+) -> PreparedScan:
+    cfg = config or PreprocessConfig()
+    result = preprocess(xyz, rgb, cfg)
+    if mask is None:
+        padded_mask = np.zeros(result.xyz.shape[:2], dtype=bool)
+    else:
+        padded_mask = pad_to_square(mask.astype(bool), cfg.pad_multiple)
+    plane = None if result.plane is None else (result.plane.normal, result.plane.offset)
+    return PreparedScan(rgb=result.rgb, xyz=result.xyz, mask=padded_mask, plane=plane, key=key)
+
+
+def prepare_sample(sample: Sample, config: PreprocessConfig | None = None) -> PreparedScan:
+    """Load and preprocess one sample; errors name the sample's xyz file."""
+    rgb, xyz, mask = sample.load()
+    try:
+        return prepare_arrays(rgb, xyz, mask, config, key=sample.key)
+    except DataError as exc:
+        if exc.path is not None:
+            raise
+        raise DataError(exc.reason, sample.xyz_path, exc.fix) from exc

@@ -1,0 +1,167 @@
+"""Feature extraction for a list of samples, with an on-disk cache.
+
+Features are rounded through float16 whether they come from the cache or not,
+so a cached run and a fresh run give bit-identical results. The cache key is
+(extractor lineage id, preprocessing settings, sha256 of the RGB and xyz files),
+so a changed file, setting or weight never reuses a stale entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cfr_core.config import ExtractorConfig
+from cfr_core.data.io import atomic_path, sha256_file
+from cfr_core.data.mvtec import Sample
+from cfr_core.data.pointcloud import PreprocessConfig, pad_to_square, resize_nearest
+from cfr_core.data.prepare import PreparedScan, prepare_sample
+from cfr_core.features.base import Extractor, create_extractor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FeatureSet:
+    """Per-pixel features of B samples on a G×G grid."""
+
+    rgb: torch.Tensor  # B×Cr×G×G
+    points: torch.Tensor  # B×C3×G×G
+    masks: torch.Tensor  # B×G×G bool ground truth (all False for good parts)
+    keys: list[str]
+
+    @property
+    def foreground(self) -> torch.Tensor:
+        """B×G×G: pixels whose 3D feature is non-zero."""
+        return self.points.abs().sum(dim=1) > 0
+
+    def __len__(self) -> int:
+        return self.rgb.shape[0]
+
+    def select(self, idx: Sequence[int]) -> FeatureSet:
+        i = list(idx)
+        return FeatureSet(self.rgb[i], self.points[i], self.masks[i], [self.keys[j] for j in i])
+
+
+def build_extractors(config: ExtractorConfig) -> tuple[Extractor, Extractor]:
+    rgb = create_extractor(config.rgb, grid=config.grid, **config.rgb_options)
+    pts = create_extractor(config.points, grid=config.grid, **config.points_options)
+    if rgb.modality != "rgb" or pts.modality != "points":
+        raise ValueError(
+            f"extractor modalities are {rgb.modality!r}/{pts.modality!r}; expected rgb/points"
+        )
+    return rgb, pts
+
+
+class FeatureCache:
+    """Safetensors files under ``root``, one per (sample files, extractor, preprocessing)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def key(self, sample: Sample, extractor: Extractor, preprocess: PreprocessConfig) -> str:
+        blob = json.dumps(
+            {
+                "extractor": extractor.lineage_id,
+                "preprocess": asdict(preprocess),
+                "rgb": sha256_file(sample.rgb_path),
+                "xyz": sha256_file(sample.xyz_path),
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> torch.Tensor | None:
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            return load_file(path)["features"]
+        except Exception:  # a damaged entry is recomputed, never trusted
+            log.warning("ignoring unreadable feature cache entry %s", path)
+            return None
+
+    def put(self, key: str, features: torch.Tensor) -> None:
+        with atomic_path(self.path(key)) as tmp:
+            save_file({"features": features.contiguous()}, str(tmp))
+
+
+def grid_mask(sample: Sample, preprocess: PreprocessConfig, grid: int) -> torch.Tensor:
+    """The sample's ground truth padded like its scan and resized (nearest) to the grid."""
+    if sample.gt_path is None:
+        return torch.zeros(grid, grid, dtype=torch.bool)
+    mask = pad_to_square(sample.load_mask(), preprocess.pad_multiple)
+    return torch.from_numpy(resize_nearest(mask, grid))
+
+
+def features_of_scans(
+    scans: Sequence[PreparedScan],
+    extractors: tuple[Extractor, Extractor],
+    keys: Sequence[str] | None = None,
+) -> FeatureSet:
+    """Features of already prepared scans (no cache), rounded through float16 like cached ones."""
+    rgb_ex, pts_ex = extractors
+    rgb = rgb_ex(list(scans)).detach().cpu().half().float()
+    pts = pts_ex(list(scans)).detach().cpu().half().float()
+    masks = torch.stack([torch.from_numpy(resize_nearest(s.mask, rgb_ex.grid)) for s in scans])
+    return FeatureSet(rgb, pts, masks, list(keys) if keys is not None else [s.key for s in scans])
+
+
+def extract_features(
+    samples: Sequence[Sample],
+    extractors: tuple[Extractor, Extractor],
+    preprocess: PreprocessConfig,
+    cache: FeatureCache | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    batch_size: int = 4,
+) -> FeatureSet:
+    """Preprocess and extract both modalities for ``samples`` (cached where possible)."""
+    rgb_ex, pts_ex = extractors
+    grid = rgb_ex.grid
+    rgb_maps: list[torch.Tensor | None] = [None] * len(samples)
+    pts_maps: list[torch.Tensor | None] = [None] * len(samples)
+    keys: dict[tuple[int, int], str] = {}
+    todo = []
+    for i, sample in enumerate(samples):
+        if cache is not None:
+            for m, (ex, store) in enumerate(((rgb_ex, rgb_maps), (pts_ex, pts_maps))):
+                keys[i, m] = cache.key(sample, ex, preprocess)
+                store[i] = cache.get(keys[i, m])
+        if rgb_maps[i] is None or pts_maps[i] is None:
+            todo.append(i)
+    done = len(samples) - len(todo)
+    for s in range(0, len(todo), batch_size):
+        chunk = todo[s : s + batch_size]
+        scans = [prepare_sample(samples[i], preprocess) for i in chunk]
+        need_rgb = [j for j, i in enumerate(chunk) if rgb_maps[i] is None]
+        need_pts = [j for j, i in enumerate(chunk) if pts_maps[i] is None]
+        for need, ex, store, m in (
+            (need_rgb, rgb_ex, rgb_maps, 0),
+            (need_pts, pts_ex, pts_maps, 1),
+        ):
+            if not need:
+                continue
+            out = ex([scans[j] for j in need]).detach().cpu().half()
+            for j, feat in zip(need, out, strict=True):
+                store[chunk[j]] = feat
+                if cache is not None:
+                    cache.put(keys[chunk[j], m], feat)
+        done += len(chunk)
+        if progress is not None:
+            progress(done, len(samples))
+    return FeatureSet(
+        rgb=torch.stack(rgb_maps).float(),
+        points=torch.stack(pts_maps).float(),
+        masks=torch.stack([grid_mask(s, preprocess, grid) for s in samples]),
+        keys=[s.key for s in samples],
+    )

@@ -1,0 +1,74 @@
+"""A fitted detector: configuration, learned modules, banks, threshold and lineage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cfr_core.config import FitConfig
+from cfr_core.engine.normalize import FeatureNorm
+from cfr_core.memory.bank import Banks
+from cfr_core.models.mappers import CrossModalMappers
+from cfr_core.models.retriever import AttentionRetriever
+
+
+@dataclass
+class ShotRecord:
+    """One normal sample the model was fitted on, as lineage records it."""
+
+    key: str
+    rgb_path: str
+    xyz_path: str
+    rgb_sha256: str
+    xyz_sha256: str
+
+
+@dataclass
+class FittedModel:
+    """Everything ``score`` needs. Built by :func:`cfr_core.engine.fit.fit`, saved by
+    :func:`cfr_core.io.artifacts.save_model`."""
+
+    category: str
+    config: FitConfig
+    extractor_ids: dict[str, str]  # modality -> lineage id
+    dims: dict[str, int]  # modality -> feature dim
+    norm: FeatureNorm | None = None
+    mappers: CrossModalMappers | None = None
+    banks: Banks | None = None
+    retriever: AttentionRetriever | None = None
+    joint_bank: torch.Tensor | None = None
+    threshold: float | None = None
+    threshold_source: str = ""
+    shots: list[ShotRecord] = field(default_factory=list)
+    history: dict[str, list[float]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """All learned state under stable names (for safetensors)."""
+        out: dict[str, torch.Tensor] = {}
+        if self.norm is not None:
+            out.update(self.norm.tensors())
+        if self.mappers is not None:
+            out.update({f"mappers.{k}": v for k, v in self.mappers.state_dict().items()})
+        if self.retriever is not None:
+            out.update({f"retriever.{k}": v for k, v in self.retriever.state_dict().items()})
+        if self.banks is not None:
+            out.update(self.banks.tensors())
+        if self.joint_bank is not None:
+            out["bank.joint"] = self.joint_bank
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def to(self, device: torch.device | str) -> FittedModel:
+        for module in (self.mappers, self.retriever):
+            if module is not None:
+                module.to(device)
+        if self.banks is not None:
+            self.banks = Banks(
+                self.banks.rgb.to(device), self.banks.keys.to(device), self.banks.values.to(device)
+            )
+        if self.joint_bank is not None:
+            self.joint_bank = self.joint_bank.to(device)
+        return self

@@ -1,0 +1,78 @@
+"""Memory banks built from the shots' features and reduced by the greedy coreset.
+
+* RGB bank: real RGB features (to judge how plausible a reconstructed RGB feature is).
+* Key-value bank: 3D features as keys, the RGB feature at the same pixel as values;
+  subsampled on its keys, the same indices selecting the values.
+* Joint bank (``btf``): per-modality unit-normalised RGB and 3D features, concatenated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cfr_core.config import BankConfig
+from cfr_core.errors import CFRError
+from cfr_core.memory.coreset import greedy_coreset
+
+
+class EmptyBankError(CFRError):
+    """A bank would hold no entry (no shot, or no foreground)."""
+
+
+def coreset_size(n_rows: int, ratio: float) -> int:
+    return max(1, int(n_rows * ratio))
+
+
+@dataclass
+class Banks:
+    rgb: torch.Tensor  # M_rgb×D_rgb
+    keys: torch.Tensor  # M_kv×D_3d
+    values: torch.Tensor  # M_kv×D_rgb
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"bank.rgb": self.rgb, "bank.keys": self.keys, "bank.values": self.values}
+
+
+def _rows(fmap: torch.Tensor) -> torch.Tensor:
+    """B×C×G×G -> (B·G·G)×C."""
+    return fmap.permute(0, 2, 3, 1).reshape(-1, fmap.shape[1])
+
+
+def coreset(rows: torch.Tensor, config: BankConfig) -> torch.Tensor:
+    """Indices of the greedy coreset of ``rows`` at the configured ratio."""
+    n = coreset_size(len(rows), config.coreset_ratio)
+    return greedy_coreset(rows, n, config.projection_dim, config.n_starts, config.seed)
+
+
+def build_banks(f_rgb: torch.Tensor, f_3d: torch.Tensor, config: BankConfig) -> Banks:
+    """Banks from all pixels (background included) of the shots' feature maps."""
+    rgb, pts = _rows(f_rgb), _rows(f_3d)
+    if rgb.shape[0] == 0:
+        raise EmptyBankError("no shot features to build banks from")
+    rgb_idx, kv_idx = coreset(rgb, config), coreset(pts, config)
+    return Banks(
+        rgb=rgb[rgb_idx].contiguous(),
+        keys=pts[kv_idx].contiguous(),
+        values=rgb[kv_idx].contiguous(),
+    )
+
+
+def joint_features(rgb_rows: torch.Tensor, pts_rows: torch.Tensor) -> torch.Tensor:
+    """N×(Cr+C3): each modality's rows unit-normalised, then concatenated (BTF)."""
+    return torch.cat([F.normalize(rgb_rows, dim=-1), F.normalize(pts_rows, dim=-1)], dim=-1)
+
+
+def build_joint_bank(
+    f_rgb: torch.Tensor, f_3d: torch.Tensor, foreground: torch.Tensor, config: BankConfig
+) -> torch.Tensor:
+    """BTF's memory: coreset of the joint features of the shots' foreground pixels."""
+    fg = foreground.reshape(-1)
+    rows = joint_features(_rows(f_rgb)[fg], _rows(f_3d)[fg])
+    if rows.shape[0] == 0:
+        raise EmptyBankError(
+            "the shots have no foreground pixel (no valid 3D point after preprocessing)"
+        )
+    return rows[coreset(rows, config)].contiguous()

@@ -1,0 +1,141 @@
+import json
+
+from click.testing import CliRunner
+
+from cfr_core.cli import main
+from cfr_core.data.mvtec import index_category
+
+
+def test_fit_evaluate_score_end_to_end(synth_root, tmp_path):
+    runner = CliRunner()
+    model = tmp_path / "model"
+    cache = tmp_path / "cache"
+    fit = runner.invoke(
+        main,
+        [
+            "fit",
+            "--data",
+            str(synth_root),
+            "--category",
+            "ribbed",
+            "--shots",
+            "2",
+            "--grid",
+            "32",
+            "--epochs",
+            "3",
+            "--cache",
+            str(cache),
+            "--out",
+            str(model),
+        ],
+    )
+    assert fit.exit_code == 0, fit.output
+    assert "threshold:" in fit.output and (model / "weights.safetensors").exists()
+    meta = json.loads((model / "model.json").read_text())
+    assert meta["config"]["method"] == "cfr" and len(meta["shots"]) == 2
+    assert all(len(s["rgb_sha256"]) == 64 for s in meta["shots"])
+
+    out_json, maps = tmp_path / "metrics.json", tmp_path / "maps"
+    ev = runner.invoke(
+        main,
+        [
+            "evaluate",
+            "--model",
+            str(model),
+            "--data",
+            str(synth_root),
+            "--json",
+            str(out_json),
+            "--maps",
+            str(maps),
+            "--cache",
+            str(cache),
+        ],
+    )
+    assert ev.exit_code == 0, ev.output
+    metrics = json.loads(out_json.read_text())
+    assert {
+        "category",
+        "method",
+        "shots",
+        "seed",
+        "image_auroc",
+        "pixel_auroc",
+        "aupro",
+        "n_test",
+    } <= set(metrics)
+    assert list(metrics["aupro"]) == ["0.3", "0.1", "0.05", "0.01"] and metrics["n_test"] == 6
+    assert len(list(maps.glob("*.png"))) == 6
+
+    sample = index_category(synth_root, "ribbed").split("test")[0]
+    heat = tmp_path / "heat.png"
+    sc = runner.invoke(
+        main,
+        [
+            "score",
+            "--model",
+            str(model),
+            str(sample.rgb_path),
+            str(sample.xyz_path),
+            "--heatmap",
+            str(heat),
+            "--json",
+        ],
+    )
+    assert sc.exit_code == 0, sc.output
+    result = json.loads(sc.output)
+    assert (
+        result["verdict"] in ("PASS", "FAIL") and result["score"] > 0 and heat.stat().st_size > 500
+    )
+
+
+def test_score_bad_inputs_name_the_file(synth_root, tmp_path):
+    runner = CliRunner()
+    model = tmp_path / "m"
+    assert (
+        runner.invoke(
+            main,
+            [
+                "fit",
+                "--data",
+                str(synth_root),
+                "-c",
+                "dome",
+                "--method",
+                "cfm",
+                "--grid",
+                "32",
+                "--epochs",
+                "2",
+                "--out",
+                str(model),
+            ],
+        ).exit_code
+        == 0
+    )
+    sample = index_category(synth_root, "dome").split("test")[0]
+    other = index_category(synth_root, "ribbed").split("test")[0]
+    missing = runner.invoke(
+        main, ["score", "--model", str(model), str(sample.rgb_path), str(tmp_path / "x.tiff")]
+    )
+    assert missing.exit_code == 2 and "x.tiff: point cloud file is missing" in missing.output
+    mismatch = runner.invoke(
+        main, ["score", "--model", str(model), str(sample.rgb_path), str(other.xyz_path)]
+    )
+    assert mismatch.exit_code == 2 and "RGB is 96×96 but the cloud is 96×72" in mismatch.output
+    wrong = runner.invoke(
+        main,
+        [
+            "fit",
+            "--data",
+            str(synth_root),
+            "-c",
+            "dome",
+            "--rgb-weights",
+            "w.pth",
+            "--out",
+            str(tmp_path / "n"),
+        ],
+    )
+    assert wrong.exit_code == 2 and "need --extractors paper" in wrong.output

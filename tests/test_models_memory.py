@@ -1,0 +1,124 @@
+import pytest
+import torch
+
+from cfr_core.config import MapperConfig
+from cfr_core.memory import build_banks, greedy_coreset, nearest_distance, topk_cosine
+from cfr_core.memory.bank import coreset_size
+from cfr_core.memory.coreset import random_projection
+from cfr_core.models import AttentionRetriever, CrossModalMappers, GeGLU, cosine_loss
+from cfr_core.models.mappers import default_hidden
+
+
+def test_mapper_architectures():
+    assert default_hidden(768, 1152) == 960 and default_hidden(39, 38) == 256
+    cfr = CrossModalMappers(768, 1152, MapperConfig())
+    assert isinstance(cfr.to_rgb, GeGLU)
+    assert cfr.to_rgb.proj.weight.shape == (2 * 960, 1152) and cfr.to_rgb.out.weight.shape == (
+        768,
+        960,
+    )
+    assert cfr.to_3d.proj.bias is not None
+    cfm = CrossModalMappers(768, 1152, MapperConfig(kind="mlp", cyclic=False))
+    shapes = [tuple(m.weight.shape) for m in cfm.to_3d.modules() if isinstance(m, torch.nn.Linear)]
+    assert shapes == [(960, 768), (960, 960), (1152, 960)]
+
+
+def test_geglu_gates_with_gelu():
+    g = GeGLU(3, 2, 4)
+    x = torch.randn(5, 3)
+    gate, value = g.proj(x).chunk(2, dim=-1)
+    assert torch.allclose(g(x), g.out(torch.nn.functional.gelu(gate) * value))
+
+
+def test_cyclic_loss_has_four_terms_cfm_two():
+    torch.manual_seed(0)
+    f_rgb, f_3d = torch.randn(10, 6), torch.randn(10, 5)
+    m = CrossModalMappers(6, 5, MapperConfig(hidden=8))
+    p_rgb, p_3d = m(f_rgb, f_3d)
+    expected = (
+        cosine_loss(p_rgb, f_rgb)
+        + cosine_loss(p_3d, f_3d)
+        + cosine_loss(m.to_rgb(p_3d), f_rgb)
+        + cosine_loss(m.to_3d(p_rgb), f_3d)
+    )
+    assert torch.allclose(m.loss(f_rgb, f_3d), expected)
+    m.cyclic = False
+    assert torch.allclose(m.loss(f_rgb, f_3d), cosine_loss(p_rgb, f_rgb) + cosine_loss(p_3d, f_3d))
+
+
+def test_retriever_attends_over_its_candidates():
+    torch.manual_seed(0)
+    r = AttentionRetriever(d_key=6, d_value=4, d_model=8, top_k=3)
+    assert all(m.bias is None for m in (r.q_proj, r.k_proj, r.v_proj, r.out_proj))
+    keys, values = torch.randn(20, 6), torch.randn(20, 4)
+    query = torch.randn(7, 6)
+    _, idx = topk_cosine(query, keys, 3)
+    out = r(query, idx, keys, values)
+    assert out.shape == (7, 4)
+    same = (
+        torch.zeros(7, 3, dtype=torch.long) + 5
+    )  # identical candidates: the output is their value
+    assert torch.allclose(
+        r(query, same, keys, values), r.out_proj(r.v_proj(values[5])).expand(7, 4), atol=1e-6
+    )
+
+
+def _naive_coreset(x, n, dim, starts, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = random_projection(x, dim, gen)
+    sq = (x * x).sum(1)
+
+    def d2(c):
+        return (sq - 2 * (x @ x[c]) + sq[c]).clamp_min(0)
+
+    begin = torch.randperm(len(x), generator=gen)[:starts]
+    min_d = torch.stack([d2(int(s)).sqrt() for s in begin]).mean(0) ** 2
+    out = []
+    for _ in range(n):
+        p = int(torch.argmax(min_d))
+        out.append(p)
+        min_d = torch.minimum(min_d, d2(p))
+        min_d[p] = 0
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize(("dims", "zeros"), [(20, 0), (200, 300)])
+def test_pruned_coreset_matches_plain_greedy(dims, zeros):
+    torch.manual_seed(1)
+    x = torch.cat([torch.randn(600, dims) * 0.3 + torch.randn(1, dims) * 3 for _ in range(4)])
+    x[:zeros] = 0  # background rows, as in 3D banks
+    got = greedy_coreset(x, 400, projection_dim=64, n_starts=10, seed=5)
+    assert torch.equal(got, _naive_coreset(x, 400, 64, 10, 5))
+    assert len(set(got.tolist())) == 400
+
+
+def test_coreset_sizes_match_the_paper():
+    assert coreset_size(50_176, 0.1) == 5_017 and coreset_size(4 * 50_176, 0.1) == 20_070
+
+
+def test_chunked_search_equals_full():
+    torch.manual_seed(2)
+    q, bank = torch.randn(50, 8), torch.randn(300, 8)
+    sims, idx = topk_cosine(q, bank, 3, budget=700)  # two queries per chunk
+    full = torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(bank, dim=1).T
+    ref = full.topk(3, dim=1)
+    assert torch.equal(idx, ref.indices) and torch.allclose(sims, ref.values, atol=1e-6)
+    assert torch.allclose(
+        nearest_distance(q, bank, budget=700), torch.cdist(q, bank).min(1).values, atol=1e-4
+    )
+
+
+def test_key_value_bank_keeps_pixel_pairs():
+    torch.manual_seed(3)
+    f_rgb, f_3d = torch.randn(2, 4, 10, 10), torch.randn(2, 6, 10, 10)
+    banks = build_banks(
+        f_rgb, f_3d, __import__("cfr_core.config").config.BankConfig(coreset_ratio=0.2)
+    )
+    assert (
+        banks.rgb.shape == (40, 4) and banks.keys.shape == (40, 6) and banks.values.shape == (40, 4)
+    )
+    rows_rgb = f_rgb.permute(0, 2, 3, 1).reshape(-1, 4)
+    rows_3d = f_3d.permute(0, 2, 3, 1).reshape(-1, 6)
+    for key, value in zip(banks.keys, banks.values, strict=True):
+        pixel = int(torch.nonzero((rows_3d == key).all(1))[0])
+        assert torch.equal(rows_rgb[pixel], value)
