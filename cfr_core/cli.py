@@ -270,41 +270,170 @@ def data_preview(root: Path, out: Path, categories: tuple[str, ...]):
     type=click.Path(path_type=Path),
     default=DEFAULT_HOME,
     show_default=True,
-    help="State folder (DAGSTER_HOME); the demo data goes to HOME/demo.",
+    help="Dagster home (state, artifacts, registry); the demo data goes to HOME/demo.",
 )
 @click.option("--size", default=256, show_default=True, type=click.IntRange(64, 2048))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Synthetic data seed.")
+@click.option("--categories", help="Comma-separated subset of dome,candy,speckled,ribbed.")
+@click.option("--shots", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--epochs", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--grid", default=224, show_default=True, type=click.IntRange(8))
 @_fail_cleanly
-def demo(home: Path, size: int, seed: int):
-    """Run the main job on the embedded synthetic demo data.
+def demo(
+    home: Path, size: int, seed: int, categories: str | None, shots: int, epochs: int, grid: int
+):
+    """Run the main job on the embedded synthetic demo data, through Dagster.
 
-    Generates the four demo categories into HOME/demo/data (replacing an older
-    copy), validates every file and saves a contact sheet.
+    Generates the demo categories into HOME/demo/data, drops their good scans
+    into HOME/landing, materializes every asset of every category (with the
+    blocking checks) against the Dagster instance in HOME, deploys, audits, and
+    prints the per-category table. Then `make ui` shows the same state.
     """
-    from cfr_core.data.preview import save_contact_sheet
-    from cfr_core.data.synth import SynthConfig, generate
-    from cfr_core.data.validate import check_category
+    from cfr_assets.demo import run_demo
 
-    root = home / "demo" / "data"
-    cfg = SynthConfig(seed=seed, size=size)
-    generate(root, cfg, overwrite=True, progress=_progress("rendering demo data"))
-    failed = 0
-    for cat in cfg.categories:
-        report = check_category(root, cat)
-        failed += report.n_errors
+    cats = tuple(c.strip() for c in categories.split(",")) if categories else None
+    rows = run_demo(
+        home, size, seed, cats, shots, epochs, grid, log=lambda m: click.echo(m, err=True)
+    )
+    click.echo(
+        f"\n{'category':<10}{'run':>6}{'version':>9}{'I-AUROC':>9}{'AUPRO@30%':>11}{'threshold':>11}  audit"
+    )
+    for r in rows:
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         click.echo(
-            f"{cat:<10} train {report.n_samples['train']:>3}  validation {report.n_samples['validation']:>3}  "
-            f"test {report.n_samples['test']:>3}  defects {','.join(report.defect_types):<26} "
-            f"errors {report.n_errors}"
+            f"{r.category:<10}{'ok' if r.success else 'FAIL':>6}{r.version or '-':>9}{fmt(r.image_auroc):>9}"
+            f"{fmt(r.aupro_30):>11}{fmt(r.threshold):>11}  {'ok' if r.audit_ok else 'FAILED'}"
         )
-        for p in report.problems:
-            click.echo(f"  {p}")
-    sheet = save_contact_sheet(root, home / "demo" / "preview.png")
-    click.echo(f"data: {root}\ncontact sheet: {sheet}")
-    if failed:
-        click.secho(f"FAILED: {failed} error(s) in the demo data", fg="red", bold=True)
+    click.echo(
+        f"\nartifacts: {home / 'artifacts'}\nregistry:  {home / 'registry.db'}  (cfr registry list)"
+    )
+    click.echo(
+        f"UI:        DAGSTER_HOME={home.resolve()} dagster dev -w workspace.yaml   (or: make ui)"
+    )
+    if not all(r.success and r.audit_ok for r in rows):
+        click.secho("FAILED: not every category was deployed and audited", fg="red", bold=True)
         sys.exit(1)
-    click.secho("OK: demo data generated and checked", bold=True)
+    click.secho("OK: every demo category deployed and audited", bold=True)
+
+
+def _registry(home: Path, url: str | None):
+    from cfr_core.registry import BankRegistry, default_url
+
+    return BankRegistry(url or os.environ.get("CFR_REGISTRY_URL") or default_url(home))
+
+
+HOME_OPTION = click.option(
+    "--home",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_HOME,
+    show_default=True,
+    help="Dagster home holding registry.db.",
+)
+URL_OPTION = click.option(
+    "--registry-url", help="SQLAlchemy URL (default: sqlite in HOME; env CFR_REGISTRY_URL)."
+)
+
+
+@main.group()
+def registry() -> None:
+    """Deployed banks: list them, roll a category back."""
+
+
+@registry.command("list")
+@HOME_OPTION
+@URL_OPTION
+@click.option("--category", "-c", help="Only this category.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of rows.")
+@_fail_cleanly
+def registry_list(home: Path, registry_url: str | None, category: str | None, as_json: bool):
+    """Every registered version; the deployed one is marked with *."""
+    rows = _registry(home, registry_url).list(category)
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in rows], indent=2))
+        return
+    click.echo(
+        f"{'':2}{'category':<12}{'version':>8}  {'model hash':<14}{'I-AUROC':>8}{'threshold':>11}  created"
+    )
+    for r in rows:
+        auroc = r.metrics.get("image_auroc") if r.metrics else None
+        click.echo(
+            f"{'*' if r.deployed else ' ':2}{r.category:<12}{r.version:>8}  {r.model_hash[:12]:<14}"
+            f"{'-' if auroc is None else f'{auroc:.3f}':>8}{r.threshold or 0:>11.4f}  {r.created_at}"
+        )
+
+
+@registry.command("rollback")
+@click.argument("category")
+@click.argument("version", type=int)
+@HOME_OPTION
+@URL_OPTION
+@_fail_cleanly
+def registry_rollback(category: str, version: int, home: Path, registry_url: str | None):
+    """Point CATEGORY back at an earlier VERSION (one transaction)."""
+    rec = _registry(home, registry_url).rollback(category, version)
+    click.echo(f"{category}: version {rec.version} is deployed ({rec.model_hash[:12]})")
+
+
+@main.command("audit")
+@click.argument("category")
+@click.option("--version", type=int, help="Default: the deployed version.")
+@HOME_OPTION
+@URL_OPTION
+@_fail_cleanly
+def audit_cmd(category: str, version: int | None, home: Path, registry_url: str | None):
+    """Re-hash a deployment's model, stage artifacts and shot files; walk its lineage.
+
+    Exits 1 on any mismatch.
+    """
+    from cfr_core.audit import audit
+
+    report = audit(_registry(home, registry_url).get(category, version))
+    for what, ok, detail in report.checks:
+        click.secho(
+            f"{'ok  ' if ok else 'FAIL'} {what}" + (f"  ({detail})" if detail else ""),
+            fg=None if ok else "red",
+        )
+    verdict = "PASSED" if report.ok else "FAILED"
+    click.secho(f"audit {verdict}: {category} version {report.version}", bold=True)
+    sys.exit(0 if report.ok else 1)
+
+
+@main.group()
+def shots() -> None:
+    """The shot library's quarantine: scans the deployed model found anomalous."""
+
+
+@shots.command("quarantine")
+@HOME_OPTION
+@click.option(
+    "--store", type=click.Path(path_type=Path), help="Artifact store (default HOME/artifacts)."
+)
+@click.option("--category", "-c")
+@_fail_cleanly
+def shots_quarantine(home: Path, store: Path | None, category: str | None):
+    """List quarantined scans with their score and reason."""
+    from cfr_core.data.landing import ShotLibrary
+
+    for q in ShotLibrary((store or home / "artifacts") / "shots").quarantine_list(category):
+        click.echo(
+            f"{q['category']:<12}{q['content_id']}  {q.get('name', '')}: {q.get('reason', '')}"
+        )
+
+
+@shots.command("release")
+@click.argument("category")
+@click.argument("content_id")
+@HOME_OPTION
+@click.option(
+    "--store", type=click.Path(path_type=Path), help="Artifact store (default HOME/artifacts)."
+)
+@_fail_cleanly
+def shots_release(category: str, content_id: str, home: Path, store: Path | None):
+    """A person confirmed the quarantined scan CONTENT_ID is good: add it to the library."""
+    from cfr_core.data.landing import ShotLibrary
+
+    dst = ShotLibrary((store or home / "artifacts") / "shots").release(category, content_id)
+    click.echo(f"released into the library: {dst}; the next run of {category} uses it")
 
 
 # the model commands register themselves on `main`

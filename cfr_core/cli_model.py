@@ -246,33 +246,15 @@ def evaluate_cmd(model_dir, root, json_out, maps_dir, cache):
 def score_cmd(model_dir, rgb, xyz, heatmap, as_json):
     """Score one scan (RGB PNG + organized xyz TIFF): score, threshold, PASS/FAIL."""
     from cfr_core.data.io import read_rgb, read_xyz
-    from cfr_core.data.prepare import prepare_arrays
-    from cfr_core.engine.features import features_of_scans
-    from cfr_core.engine.infer import infer
-    from cfr_core.errors import DataError, ShapeMismatchError
+    from cfr_core.engine.score import score_arrays
 
     model, extractors = load_checked(model_dir)
-    image, cloud = read_rgb(rgb), read_xyz(xyz)
-    if image.shape[:2] != cloud.shape[:2]:
-        raise ShapeMismatchError(
-            f"RGB is {image.shape[1]}×{image.shape[0]} but the cloud is "
-            f"{cloud.shape[1]}×{cloud.shape[0]}",
-            xyz,
-        )
-    try:
-        scan = prepare_arrays(image, cloud, None, model.config.preprocess, key=str(rgb))
-    except DataError as exc:
-        raise DataError(exc.reason, xyz, exc.fix) from exc
-    result = infer(model, features_of_scans([scan], extractors))
-    score = float(result.scores[0])
-    verdict = "FAIL" if model.threshold is not None and score > model.threshold else "PASS"
+    result = score_arrays(model, extractors, read_rgb(rgb), read_xyz(xyz), str(xyz))
+    score, verdict = result.score, result.verdict
     if heatmap:
-        from cfr_core.scoring.overlay import overlay, save_overlay
+        from cfr_core.scoring.overlay import save_overlay
 
-        vmax = max(float(result.maps.max()), 1e-12)
-        save_overlay(
-            heatmap, overlay(scan.rgb, result.maps[0].numpy(), vmax), f"score {score:.3f} {verdict}"
-        )
+        save_overlay(heatmap, result.heatmap(), f"score {score:.3f} {verdict}")
     out = {
         "score": score,
         "threshold": model.threshold,

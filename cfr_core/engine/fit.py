@@ -48,6 +48,14 @@ def shot_records(samples: Sequence[Sample]) -> list[ShotRecord]:
     ]
 
 
+def standardize(config: FitConfig, features: FeatureSet) -> tuple[FeatureNorm | None, FeatureSet]:
+    """Fit the per-category standardisation when the config asks for it; apply it."""
+    if not config.extractors.standardized:
+        return None, features
+    norm = FeatureNorm.fit(features)
+    return norm, norm.apply(features)
+
+
 def fit_features(
     category: str,
     config: FitConfig,
@@ -62,9 +70,7 @@ def fit_features(
         extractor_ids={"rgb": extractors[0].lineage_id, "points": extractors[1].lineage_id},
         dims={"rgb": features.rgb.shape[1], "points": features.points.shape[1]},
     )
-    if config.extractors.standardized:
-        model.norm = FeatureNorm.fit(features)
-        features = model.norm.apply(features)
+    model.norm, features = standardize(config, features)
     t0 = time.perf_counter()
     if config.method == "btf":
         model.joint_bank = build_joint_bank(

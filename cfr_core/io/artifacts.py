@@ -155,42 +155,49 @@ def load_model(folder: str | Path, verify: bool = True) -> FittedModel:
     except (OSError, json.JSONDecodeError, SafetensorError) as exc:
         raise ArtifactError(f"model files do not load ({exc})", folder) from exc
     try:
-        config = FitConfig.from_dict(meta["config"])
-        model = FittedModel(
-            category=meta["category"],
-            config=config,
-            extractor_ids=meta["extractor_ids"],
-            dims=meta["dims"],
-            threshold=meta.get("threshold"),
-            threshold_source=meta.get("threshold_source", ""),
-            shots=[ShotRecord(**s) for s in meta.get("shots", [])],
-            history=meta.get("history", {}),
-            timings=meta.get("timings", {}),
-            extra=meta.get("extra", {}),
-        )
-        model.norm = FeatureNorm.from_tensors(tensors)
-        mapper_state = _sub(tensors, "mappers.")
-        if mapper_state:
-            model.mappers = CrossModalMappers(
-                model.dims["rgb"], model.dims["points"], config.mappers
-            )
-            model.mappers.load_state_dict(mapper_state)
-            model.mappers.eval()
-        retriever_state = _sub(tensors, "retriever.")
-        if retriever_state:
-            model.retriever = AttentionRetriever(
-                model.dims["points"],
-                model.dims["rgb"],
-                config.retriever.d_model,
-                config.retriever.top_k,
-            )
-            model.retriever.load_state_dict(retriever_state)
-            model.retriever.eval()
-        if "bank.rgb" in tensors:
-            model.banks = Banks(tensors["bank.rgb"], tensors["bank.keys"], tensors["bank.values"])
-        model.joint_bank = tensors.get("bank.joint")
+        return model_from_parts(meta, tensors)
     except (KeyError, TypeError, RuntimeError, CFRError) as exc:
         raise ArtifactError(
             f"model folder is inconsistent ({type(exc).__name__}: {exc})", folder
         ) from exc
+
+
+def model_from_parts(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> FittedModel:
+    """Rebuild a model from its metadata (``model.json`` fields) and named tensors."""
+    config = (
+        meta["config"]
+        if isinstance(meta["config"], FitConfig)
+        else FitConfig.from_dict(meta["config"])
+    )
+    model = FittedModel(
+        category=meta["category"],
+        config=config,
+        extractor_ids=meta["extractor_ids"],
+        dims=meta["dims"],
+        threshold=meta.get("threshold"),
+        threshold_source=meta.get("threshold_source", ""),
+        shots=[s if isinstance(s, ShotRecord) else ShotRecord(**s) for s in meta.get("shots", [])],
+        history=meta.get("history", {}),
+        timings=meta.get("timings", {}),
+        extra=meta.get("extra", {}),
+    )
+    model.norm = FeatureNorm.from_tensors(tensors)
+    mapper_state = _sub(tensors, "mappers.")
+    if mapper_state:
+        model.mappers = CrossModalMappers(model.dims["rgb"], model.dims["points"], config.mappers)
+        model.mappers.load_state_dict(mapper_state)
+        model.mappers.eval()
+    retriever_state = _sub(tensors, "retriever.")
+    if retriever_state:
+        model.retriever = AttentionRetriever(
+            model.dims["points"],
+            model.dims["rgb"],
+            config.retriever.d_model,
+            config.retriever.top_k,
+        )
+        model.retriever.load_state_dict(retriever_state)
+        model.retriever.eval()
+    if "bank.rgb" in tensors:
+        model.banks = Banks(tensors["bank.rgb"], tensors["bank.keys"], tensors["bank.values"])
+    model.joint_bank = tensors.get("bank.joint")
     return model

@@ -1,0 +1,1 @@
+"""One module per stage group: shots, training stages, evaluation and deployment."""

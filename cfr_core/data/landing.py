@@ -1,0 +1,226 @@
+"""The landing folder, the shot library and the quarantine.
+
+Operators drop new good scans as flat pairs into ``<landing>/<category>/``:
+``<name>.png`` (RGB) + ``<name>.tiff`` (organized xyz). A scan is only ingested
+when both files exist, decode and agree; incomplete pairs, corrupt files and
+unsafe names are reported and left in place.
+
+Ingested scans are copied into the content-addressed shot library
+(``<library>/<category>/<id>/{rgb.png, xyz.tiff, scan.json}``, id = hash of
+both files), so a bank can always be traced to immutable bytes even after the
+landing folder is cleaned. A scan the deployed model finds anomalous goes to
+the quarantine instead, with its heatmap and the reason, until a person
+releases it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cfr_core.data.io import atomic_folder, read_rgb, read_xyz, sha256_file
+from cfr_core.data.mvtec import GOOD, Sample, is_safe_name
+from cfr_core.data.validate import DEFAULT_MIN_VALID_FRACTION, ERROR, check_xyz_values
+from cfr_core.errors import DataError
+
+RGB_EXT = ".png"
+XYZ_EXT = (".tiff", ".tif")
+
+
+@dataclass(frozen=True)
+class LandingScan:
+    category: str
+    name: str
+    rgb_path: Path
+    xyz_path: Path
+    rgb_sha256: str
+    xyz_sha256: str
+
+    @property
+    def content_id(self) -> str:
+        return hashlib.sha256(f"{self.rgb_sha256}:{self.xyz_sha256}".encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class LandingProblem:
+    path: Path
+    reason: str
+
+
+def scan_landing(
+    folder: str | Path, category: str
+) -> tuple[list[LandingScan], list[LandingProblem]]:
+    """Valid pairs in ``folder`` and the problems of everything else (nothing is moved)."""
+    folder = Path(folder)
+    scans: list[LandingScan] = []
+    problems: list[LandingProblem] = []
+    if not folder.is_dir():
+        return scans, problems
+    groups: dict[str, dict[str, Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            problems.append(
+                LandingProblem(path, "folders are not scanned; drop <name>.png + <name>.tiff pairs")
+            )
+            continue
+        ext = path.suffix.lower()
+        if ext != RGB_EXT and ext not in XYZ_EXT:
+            problems.append(LandingProblem(path, "not a scan file (expected .png + .tiff pairs)"))
+            continue
+        if not is_safe_name(path.stem):
+            problems.append(
+                LandingProblem(path, "unsafe file name (use letters, digits, '.', '_', '-')")
+            )
+            continue
+        groups.setdefault(path.stem, {})["rgb" if ext == RGB_EXT else "xyz"] = path
+    for name, pair in sorted(groups.items()):
+        if "rgb" not in pair:
+            problems.append(LandingProblem(pair["xyz"], f"incomplete pair: {name}.png is missing"))
+            continue
+        if "xyz" not in pair:
+            problems.append(LandingProblem(pair["rgb"], f"incomplete pair: {name}.tiff is missing"))
+            continue
+        try:
+            rgb, xyz = read_rgb(pair["rgb"]), read_xyz(pair["xyz"])
+        except DataError as exc:
+            problems.append(LandingProblem(exc.path or pair["rgb"], exc.reason))
+            continue
+        errors = [
+            p
+            for p in check_xyz_values(xyz, pair["xyz"], DEFAULT_MIN_VALID_FRACTION)
+            if p.severity == ERROR
+        ]
+        if errors:
+            problems.append(LandingProblem(pair["xyz"], errors[0].reason))
+            continue
+        if rgb.shape[:2] != xyz.shape[:2]:
+            problems.append(
+                LandingProblem(
+                    pair["xyz"],
+                    f"size {xyz.shape[1]}×{xyz.shape[0]} differs from "
+                    f"RGB {rgb.shape[1]}×{rgb.shape[0]}",
+                )
+            )
+            continue
+        scans.append(
+            LandingScan(
+                category,
+                name,
+                pair["rgb"],
+                pair["xyz"],
+                sha256_file(pair["rgb"]),
+                sha256_file(pair["xyz"]),
+            )
+        )
+    return scans, problems
+
+
+def content_hash(scans: list[LandingScan]) -> str:
+    """One hash for a set of scans (order-independent): the sensor's run key."""
+    return hashlib.sha256("\n".join(sorted(s.content_id for s in scans)).encode()).hexdigest()[:24]
+
+
+class ShotLibrary:
+    """Content-addressed store of accepted normal scans, plus the quarantine."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def folder(self, category: str, content_id: str, quarantine: bool = False) -> Path:
+        return self.root / ("quarantine" if quarantine else "library") / category / content_id
+
+    def contains(self, category: str, content_id: str) -> bool:
+        return (self.folder(category, content_id) / "scan.json").exists()
+
+    def quarantined(self, category: str, content_id: str) -> bool:
+        return (self.folder(category, content_id, True) / "scan.json").exists()
+
+    def _store(self, scan: LandingScan, quarantine: bool, extra: dict) -> Path:
+        target = self.folder(scan.category, scan.content_id, quarantine)
+        with atomic_folder(target, overwrite=True) as tmp:
+            shutil.copyfile(scan.rgb_path, tmp / "rgb.png")
+            shutil.copyfile(scan.xyz_path, tmp / "xyz.tiff")
+            if (
+                sha256_file(tmp / "rgb.png") != scan.rgb_sha256
+                or sha256_file(tmp / "xyz.tiff") != scan.xyz_sha256
+            ):
+                raise DataError(
+                    "scan changed while it was being copied; drop it again", scan.rgb_path
+                )
+            meta = {
+                **{k: str(v) for k, v in asdict(scan).items()},
+                "content_id": scan.content_id,
+                **extra,
+            }
+            for name in extra.get("files", {}):
+                shutil.copyfile(extra["files"][name], tmp / name)
+            (tmp / "scan.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        return target
+
+    def add(self, scan: LandingScan) -> Path:
+        return self._store(scan, False, {})
+
+    def quarantine(
+        self,
+        scan: LandingScan,
+        reason: str,
+        heatmap: Path | None = None,
+        score: float | None = None,
+        threshold: float | None = None,
+    ) -> Path:
+        files = {"heatmap.png": str(heatmap)} if heatmap else {}
+        return self._store(
+            scan, True, {"reason": reason, "score": score, "threshold": threshold, "files": files}
+        )
+
+    def release(self, category: str, content_id: str) -> Path:
+        """A person confirmed a quarantined scan is good: move it into the library."""
+        src = self.folder(category, content_id, True)
+        if not (src / "scan.json").exists():
+            raise DataError(
+                f"no quarantined scan {content_id!r} in {category!r}",
+                src,
+                "list them with `cfr shots quarantine`",
+            )
+        dst = self.folder(category, content_id)
+        with atomic_folder(dst, overwrite=True) as tmp:
+            for name in ("rgb.png", "xyz.tiff"):
+                shutil.copyfile(src / name, tmp / name)
+            meta = json.loads((src / "scan.json").read_text())
+            meta["released_from_quarantine"] = meta.pop("reason", "")
+            (tmp / "scan.json").write_text(json.dumps(meta, indent=2) + "\n")
+        shutil.rmtree(src)
+        return dst
+
+    def samples(self, category: str) -> list[Sample]:
+        """Accepted scans as normal samples (sorted by content id)."""
+        base = self.root / "library" / category
+        if not base.is_dir():
+            return []
+        return [
+            Sample(category, "train", GOOD, d.name, d / "rgb.png", d / "xyz.tiff")
+            for d in sorted(base.iterdir())
+            if (d / "scan.json").exists()
+        ]
+
+    def quarantine_list(self, category: str | None = None) -> list[dict]:
+        base = self.root / "quarantine"
+        out = []
+        for cat_dir in sorted(base.iterdir()) if base.is_dir() else []:
+            if category and cat_dir.name != category:
+                continue
+            for d in sorted(cat_dir.iterdir()):
+                if (d / "scan.json").exists():
+                    out.append(
+                        {
+                            "category": cat_dir.name,
+                            "content_id": d.name,
+                            **json.loads((d / "scan.json").read_text()),
+                        }
+                    )
+        return out

@@ -1,0 +1,51 @@
+"""Score one raw scan (RGB + organized cloud) with a fitted model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cfr_core.data.prepare import PreparedScan, prepare_arrays
+from cfr_core.engine.features import features_of_scans
+from cfr_core.engine.infer import infer
+from cfr_core.engine.model import FittedModel
+from cfr_core.errors import DataError, ShapeMismatchError
+from cfr_core.features.base import Extractor
+from cfr_core.scoring.overlay import overlay
+
+
+@dataclass
+class ScanScore:
+    score: float
+    threshold: float | None
+    anomaly_map: np.ndarray  # G×G
+    scan: PreparedScan
+
+    @property
+    def verdict(self) -> str:
+        return "FAIL" if self.threshold is not None and self.score > self.threshold else "PASS"
+
+    def heatmap(self) -> np.ndarray:
+        return overlay(self.scan.rgb, self.anomaly_map, max(float(self.anomaly_map.max()), 1e-12))
+
+
+def score_arrays(
+    model: FittedModel,
+    extractors: tuple[Extractor, Extractor],
+    rgb: np.ndarray,
+    xyz: np.ndarray,
+    source: str = "",
+) -> ScanScore:
+    """Preprocess, extract and score; errors name ``source`` (the xyz file)."""
+    if rgb.shape[:2] != xyz.shape[:2]:
+        raise ShapeMismatchError(
+            f"RGB is {rgb.shape[1]}×{rgb.shape[0]} but the cloud is {xyz.shape[1]}×{xyz.shape[0]}",
+            source or None,
+        )
+    try:
+        scan = prepare_arrays(rgb, xyz, None, model.config.preprocess, key=source)
+    except DataError as exc:
+        raise DataError(exc.reason, source or exc.path, exc.fix) from exc
+    result = infer(model, features_of_scans([scan], extractors))
+    return ScanScore(float(result.scores[0]), model.threshold, result.maps[0].numpy(), scan)
