@@ -64,6 +64,8 @@ def main(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    for chatty in ("alembic", "matplotlib"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 @main.group()
