@@ -50,8 +50,16 @@ def fill_landing(data_root: Path, landing: Path, categories: list[str]) -> None:
             shutil.copyfile(s.xyz_path, target / f"{cat}_{s.stem}.tiff")
 
 
-def run_demo(home: Path, size: int = 256, seed: int = 0, categories: tuple[str, ...] | None = None,
-             shots: int = 4, epochs: int = 100, grid: int = 224, log=print) -> list[DemoRow]:
+def run_demo(
+    home: Path,
+    size: int = 256,
+    seed: int = 0,
+    categories: tuple[str, ...] | None = None,
+    shots: int = 4,
+    epochs: int = 100,
+    grid: int = 224,
+    log=print,
+) -> list[DemoRow]:
     home = home.resolve()
     prepare_home(home)
     os.environ["DAGSTER_HOME"] = str(home)
@@ -76,13 +84,25 @@ def run_demo(home: Path, size: int = 256, seed: int = 0, categories: tuple[str, 
         registry = resources["store"].registry()
         for cat in synth.categories:
             log(f"materializing every asset of {cat} ...")
-            result = dg.materialize([*assets, *checks], partition_key=cat, instance=instance, resources=resources,
-                                    tags={CATEGORY_TAG: cat}, raise_on_error=False)
+            result = dg.materialize(
+                [*assets, *checks],
+                partition_key=cat,
+                instance=instance,
+                resources=resources,
+                tags={CATEGORY_TAG: cat},
+                raise_on_error=False,
+            )
             record = registry.deployed(cat)
             metrics = (record.metrics or {}) if record else {}
-            rows.append(DemoRow(
-                category=cat, success=result.success, version=record.version if record else None,
-                image_auroc=metrics.get("image_auroc"), aupro_30=(metrics.get("aupro") or {}).get("0.3"),
-                threshold=record.threshold if record else None, audit_ok=bool(record) and audit(record).ok,
-            ))
+            rows.append(
+                DemoRow(
+                    category=cat,
+                    success=result.success,
+                    version=record.version if record else None,
+                    image_auroc=metrics.get("image_auroc"),
+                    aupro_30=(metrics.get("aupro") or {}).get("0.3"),
+                    threshold=record.threshold if record else None,
+                    audit_ok=bool(record) and audit(record).ok,
+                )
+            )
     return rows

@@ -15,7 +15,6 @@ from cfr_core.data.mvtec import is_safe_name
 cfr_job = dg.define_asset_job(
     "cfr_category_job",
     selection=dg.AssetSelection.groups("cfr"),
-    partitions_def=category_partitions,
     description="Rebuild one category: shots → features → mappers → banks → retriever → evaluation → deployment.",
 )
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
+import torch
 
 from cfr_assets.assets.shots import OWNERS
 from cfr_assets.assets.training import attention_retriever, load_shot_features, load_tensors
@@ -89,8 +90,13 @@ def evaluation_report(
     extractors = build_extractors(cfg.extractors)
     cache = FeatureCache(store.feature_cache())
     val, source = _calibration(data, store, category, {s["key"] for s in shots})
-    calib = extract_features(val, extractors, cfg.preprocess, cache) if val else feats
-    calibrate(model, calib, source)
+    broken = [k for k, t in model.tensors().items() if not torch.isfinite(t).all()]
+    if broken:  # write the candidate anyway: the blocking finite_weights check stops it
+        context.log.error(f"non-finite weights in {', '.join(broken)}: not calibrated, not evaluated")
+        source = "not calibrated: non-finite weights"
+    else:
+        calib = extract_features(val, extractors, cfg.preprocess, cache) if val else feats
+        calibrate(model, calib, source)
     meta: dict = {
         "threshold": model.threshold,
         "threshold_source": source,
@@ -99,7 +105,7 @@ def evaluation_report(
     }
     report, pictures = None, []
     dataset = data.dataset()
-    if dataset is not None and (dataset / category / "test").is_dir():
+    if not broken and dataset is not None and (dataset / category / "test").is_dir():
         ev = evaluate(model, dataset, cache, extractors)
         report = {**ev.report.to_dict(), "replacement_rate": ev.replacement_rate}
         samples = test_samples(dataset, category)
@@ -183,7 +189,7 @@ def deployed_bank(context: dg.AssetExecutionContext, store: CFRStore) -> dg.Mate
         metrics=(meta.get("extra") or {}).get("metrics") or {},
         threshold=meta["threshold"],
         code_version=meta["code_version"],
-        run_id=context.run_id,
+        run_id=context.run.run_id,
     )
     context.log.info(f"deployed {category} version {record.version} ({model_hash[:12]})")
     return dg.MaterializeResult(
