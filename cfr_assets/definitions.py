@@ -1,5 +1,7 @@
 """The one place that wires assets, checks, sensors, schedules and resources."""
 
+import os
+
 import dagster as dg
 
 from cfr_assets.assets.evaluation import deployed_bank, evaluation_report
@@ -11,7 +13,7 @@ from cfr_assets.assets.training import (
     shot_features,
 )
 from cfr_assets.checks import checks
-from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore
+from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore, dagster_home
 from cfr_assets.schedules import weekly_refit
 from cfr_assets.sensors import cfr_job, landing_sensor
 
@@ -27,16 +29,21 @@ assets = [
 
 
 def default_resources() -> dict:
-    """Resources from the environment (CFR_DATASET_ROOT, CFR_LANDING, CFR_STORE, CFR_REGISTRY_URL)."""
+    """Resources from the environment: CFR_LANDING, CFR_DATASET_ROOT, CFR_STORE, CFR_REGISTRY_URL.
+
+    Unset, everything lives under DAGSTER_HOME, and the demo data (HOME/demo/data,
+    written by `cfr demo`) is the labelled dataset when it exists.
+    """
+    demo = dagster_home() / "demo" / "data"
     return {
         "data": CFRData(
-            landing=dg.EnvVar("CFR_LANDING").get_value("") or "",
-            dataset_root=dg.EnvVar("CFR_DATASET_ROOT").get_value("") or "",
+            landing=os.environ.get("CFR_LANDING", ""),
+            dataset_root=os.environ.get("CFR_DATASET_ROOT", str(demo) if demo.is_dir() else ""),
         ),
         "settings": CFRModelSettings(),
         "store": CFRStore(
-            root=dg.EnvVar("CFR_STORE").get_value("") or "",
-            registry_url=dg.EnvVar("CFR_REGISTRY_URL").get_value("") or "",
+            root=os.environ.get("CFR_STORE", ""),
+            registry_url=os.environ.get("CFR_REGISTRY_URL", ""),
         ),
     }
 

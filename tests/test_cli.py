@@ -50,11 +50,29 @@ def test_synth_preprocess_and_preview(tmp_path):
     assert check_dataset(pre)[1].sizes == {(100, 100)}  # ribbed 80x60 padded to a square
 
 
-def test_demo_generates_and_checks(tmp_path):
-    result = CliRunner().invoke(main, ["demo", "--home", str(tmp_path), "--size", "64"])
+def test_demo_command_deploys_and_audits(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))  # run_demo points DAGSTER_HOME at --home
+    args = [
+        "demo",
+        "--home",
+        str(tmp_path),
+        "--size",
+        "64",
+        "--categories",
+        "dome",
+        "--shots",
+        "1",
+        "--epochs",
+        "2",
+        "--grid",
+        "24",
+    ]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "OK: demo data generated and checked" in result.output
-    assert (tmp_path / "demo" / "preview.png").exists()
+    assert "OK: every demo category deployed and audited" in result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("dome"))
+    assert row.split()[1:3] == ["ok", "1"] and row.endswith("ok")
+    assert (tmp_path / "registry.db").exists() and (tmp_path / "dagster.yaml").exists()
 
 
 def test_core_never_imports_dagster():

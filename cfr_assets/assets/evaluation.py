@@ -92,7 +92,9 @@ def evaluation_report(
     val, source = _calibration(data, store, category, {s["key"] for s in shots})
     broken = [k for k, t in model.tensors().items() if not torch.isfinite(t).all()]
     if broken:  # write the candidate anyway: the blocking finite_weights check stops it
-        context.log.error(f"non-finite weights in {', '.join(broken)}: not calibrated, not evaluated")
+        context.log.error(
+            f"non-finite weights in {', '.join(broken)}: not calibrated, not evaluated"
+        )
         source = "not calibrated: non-finite weights"
     else:
         calib = extract_features(val, extractors, cfg.preprocess, cache) if val else feats
