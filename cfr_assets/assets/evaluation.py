@@ -7,9 +7,8 @@ import dagster as dg
 import numpy as np
 import torch
 
-from cfr_assets.assets.shots import OWNERS
 from cfr_assets.assets.training import attention_retriever, load_shot_features, load_tensors
-from cfr_assets.partitions import category_partitions
+from cfr_assets.partitions import stage_asset
 from cfr_assets.pictures import gallery, loss_plot, png_markdown
 from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore
 from cfr_core.data.mvtec import index_category
@@ -41,14 +40,10 @@ def _calibration(data: CFRData, store: CFRStore, category: str, shot_keys: set[s
     return None, "the shots themselves (optimistic: add validation scans)"
 
 
-@dg.asset(
-    partitions_def=category_partitions,
-    group_name="cfr",
-    owners=OWNERS,
-    kinds={"pytorch"},
-    deps=[attention_retriever],
-    description="The candidate model (safetensors + JSON), its pass/fail threshold, test metrics and a "
+@stage_asset(
+    "The candidate model (safetensors + JSON), its pass/fail threshold, test metrics and a "
     "gallery of anomaly maps.",
+    deps=[attention_retriever],
 )
 def evaluation_report(
     context: dg.AssetExecutionContext, data: CFRData, settings: CFRModelSettings, store: CFRStore
@@ -161,14 +156,11 @@ def candidate(store: CFRStore, category: str):
     return folder, load_model(folder)
 
 
-@dg.asset(
-    partitions_def=category_partitions,
-    group_name="cfr",
-    owners=OWNERS,
-    kinds={"sql"},
-    deps=[evaluation_report],
-    description="The bank on the line: a registry row with every hash needed to audit it. Only materialized "
+@stage_asset(
+    "The bank on the line: a registry row with every hash needed to audit it. Only materialized "
     "when the blocking checks on evaluation_report pass.",
+    deps=[evaluation_report],
+    kind="sql",
 )
 def deployed_bank(context: dg.AssetExecutionContext, store: CFRStore) -> dg.MaterializeResult:
     category = context.partition_key

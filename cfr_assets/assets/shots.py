@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from cfr_assets.partitions import category_partitions
+from cfr_assets.partitions import stage_asset
 from cfr_assets.pictures import png_markdown
 from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore
 from cfr_core.data.fewshot import select_shots
@@ -14,8 +14,6 @@ from cfr_core.data.io import read_rgb, read_xyz, sha256_file
 from cfr_core.data.landing import scan_landing
 from cfr_core.data.mvtec import GOOD, Sample, index_category
 from cfr_core.scoring.overlay import save_overlay
-
-OWNERS = ["team:vision-engineering"]
 
 
 def deployed_gate(store: CFRStore, category: str):
@@ -39,13 +37,10 @@ def manifest_samples(manifest: dict) -> list[Sample]:
     ]
 
 
-@dg.asset(
-    partitions_def=category_partitions,
-    group_name="cfr",
-    owners=OWNERS,
-    kinds={"python"},
-    description="Normal scans of the category: landing-folder scans validated, quality-gated by the deployed "
+@stage_asset(
+    "Normal scans of the category: landing-folder scans validated, quality-gated by the deployed "
     "model and ingested into the content-addressed shot library; the shots chosen by the few-shot protocol.",
+    kind="python",
 )
 def normal_shots(
     context: dg.AssetExecutionContext, data: CFRData, settings: CFRModelSettings, store: CFRStore

@@ -12,8 +12,8 @@ import dagster as dg
 import torch
 from safetensors.torch import load_file, save_file
 
-from cfr_assets.assets.shots import OWNERS, manifest_samples, normal_shots
-from cfr_assets.partitions import category_partitions
+from cfr_assets.assets.shots import manifest_samples, normal_shots
+from cfr_assets.partitions import stage_asset
 from cfr_assets.pictures import loss_plot, png_markdown
 from cfr_assets.resources import CFRModelSettings, CFRStore
 from cfr_core.engine.features import FeatureCache, FeatureSet, build_extractors, extract_features
@@ -44,13 +44,9 @@ def load_tensors(store: CFRStore, category: str, stage: str, name: str) -> dict[
     return load_file(str(_file(store.read_stage(category, stage), name)))
 
 
-@dg.asset(
-    partitions_def=category_partitions,
-    group_name="cfr",
-    owners=OWNERS,
-    kinds={"pytorch"},
+@stage_asset(
+    "Frozen per-pixel RGB and 3D features of the shots (cached per file hash and extractor).",
     deps=[normal_shots],
-    description="Frozen per-pixel RGB and 3D features of the shots (cached per file hash and extractor).",
 )
 def shot_features(context: dg.AssetExecutionContext, settings: CFRModelSettings, store: CFRStore):
     category = context.partition_key
@@ -92,13 +88,9 @@ def shot_features(context: dg.AssetExecutionContext, settings: CFRModelSettings,
     )
 
 
-@dg.asset(
-    partitions_def=category_partitions,
-    group_name="cfr",
-    owners=OWNERS,
-    kinds={"pytorch"},
+@stage_asset(
+    "Crossmodal mappers 3D→RGB and RGB→3D (CFR: cyclic GeGLU) and the feature standardisation.",
     deps=[shot_features],
-    description="Crossmodal mappers 3D→RGB and RGB→3D (CFR: cyclic GeGLU) and the feature standardisation.",
 )
 def crossmodal_mappers(
     context: dg.AssetExecutionContext, settings: CFRModelSettings, store: CFRStore
@@ -139,13 +131,9 @@ def crossmodal_mappers(
     return _result(pointer, **meta)
 
 
-@dg.asset(
-    partitions_def=category_partitions,
-    group_name="cfr",
-    owners=OWNERS,
-    kinds={"pytorch"},
+@stage_asset(
+    "RGB bank and 3D→RGB key-value bank (greedy 10 % coreset); the joint bank for btf.",
     deps=[crossmodal_mappers],
-    description="RGB bank and 3D→RGB key-value bank (greedy 10 % coreset); the joint bank for btf.",
 )
 def memory_banks(context: dg.AssetExecutionContext, settings: CFRModelSettings, store: CFRStore):
     category = context.partition_key
@@ -176,13 +164,9 @@ def memory_banks(context: dg.AssetExecutionContext, settings: CFRModelSettings, 
     )
 
 
-@dg.asset(
-    partitions_def=category_partitions,
-    group_name="cfr",
-    owners=OWNERS,
-    kinds={"pytorch"},
+@stage_asset(
+    "Attention retriever (top-3 keys, d_model 128) trained to predict real RGB features.",
     deps=[memory_banks],
-    description="Attention retriever (top-3 keys, d_model 128) trained to predict real RGB features.",
 )
 def attention_retriever(
     context: dg.AssetExecutionContext, settings: CFRModelSettings, store: CFRStore
