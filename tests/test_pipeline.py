@@ -374,3 +374,36 @@ def test_webserver_serves_the_deployed_materializations(home):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_run_failing_half_way_keeps_the_deployment_and_leaves_no_partial_artifact(
+    home, monkeypatch
+):
+    home, _ = home
+    import cfr_assets.assets.evaluation as evaluation
+
+    store = CFRStore(root=str(home / "artifacts"))
+    registry = store.registry()
+    before = registry.deployed("ribbed")
+    pointer = store.stage_pointer("ribbed", "evaluation_report").read_text()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("power cut while writing the model")
+
+    monkeypatch.setattr(evaluation, "save_model", crash)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        result = dg.materialize(
+            [*assets, *checks],
+            partition_key="ribbed",
+            instance=instance,
+            resources=resources(home),
+            raise_on_error=False,
+            tags={CATEGORY_TAG: "ribbed"},
+        )
+    assert not result.success
+    assert registry.deployed("ribbed") == before and audit(before).ok
+    assert store.stage_pointer("ribbed", "evaluation_report").read_text() == pointer
+    stage_root = home / "artifacts" / "stages" / "ribbed" / "evaluation_report"
+    assert not [
+        p.name for p in stage_root.iterdir() if p.name.startswith(".") or p.name == "incoming"
+    ]
