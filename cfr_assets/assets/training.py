@@ -40,6 +40,14 @@ def load_shot_features(store: CFRStore, category: str) -> tuple[FeatureSet, dict
     return FeatureSet(t["rgb"], t["points"], t["masks"].bool(), info["keys"]), info
 
 
+def standardized(store: CFRStore, category: str, feats: FeatureSet) -> FeatureSet:
+    """``feats`` with the standardisation fitted by crossmodal_mappers (if any) applied."""
+    norm = FeatureNorm.from_tensors(
+        load_tensors(store, category, "crossmodal_mappers", "mappers.safetensors")
+    )
+    return feats if norm is None else norm.apply(feats)
+
+
 def load_tensors(store: CFRStore, category: str, stage: str, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(_file(store.read_stage(category, stage), name)))
 
@@ -139,11 +147,7 @@ def memory_banks(context: dg.AssetExecutionContext, settings: CFRModelSettings, 
     category = context.partition_key
     feats, _ = load_shot_features(store, category)
     cfg = settings.fit_config(shots=len(feats))
-    norm = FeatureNorm.from_tensors(
-        load_tensors(store, category, "crossmodal_mappers", "mappers.safetensors")
-    )
-    if norm is not None:
-        feats = norm.apply(feats)
+    feats = standardized(store, category, feats)
     tensors: dict[str, torch.Tensor] = {}
     if cfg.method == "btf":
         tensors["bank.joint"] = build_joint_bank(
@@ -177,11 +181,7 @@ def attention_retriever(
     tensors: dict[str, torch.Tensor] = {}
     history: dict[str, list[float]] = {}
     if cfg.replacement == "attention":
-        norm = FeatureNorm.from_tensors(
-            load_tensors(store, category, "crossmodal_mappers", "mappers.safetensors")
-        )
-        if norm is not None:
-            feats = norm.apply(feats)
+        feats = standardized(store, category, feats)
         b = load_tensors(store, category, "memory_banks", "banks.safetensors")
         retriever, hist = train_retriever(
             feats, Banks(b["bank.rgb"], b["bank.keys"], b["bank.values"]), cfg.retriever
