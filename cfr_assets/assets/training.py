@@ -40,6 +40,16 @@ def load_shot_features(store: CFRStore, category: str) -> tuple[FeatureSet, dict
     return FeatureSet(t["rgb"], t["points"], t["masks"].bool(), info["keys"]), info
 
 
+def _epoch_logger(context: dg.AssetExecutionContext):
+    """Training progress in the run log: every tenth epoch and the last one."""
+
+    def log(stage: str, epoch: int, epochs: int, loss: float) -> None:
+        if epoch == epochs or epoch % max(1, epochs // 10) == 0:
+            context.log.info(f"{stage}: epoch {epoch}/{epochs}, loss {loss:.4f}")
+
+    return log
+
+
 def standardized(store: CFRStore, category: str, feats: FeatureSet) -> FeatureSet:
     """``feats`` with the standardisation fitted by crossmodal_mappers (if any) applied."""
     norm = FeatureNorm.from_tensors(
@@ -113,7 +123,7 @@ def crossmodal_mappers(
         mappers, hist = train_mappers(
             feats,
             cfg.mappers,
-            lambda s, e, n, loss: context.log.debug(f"{s} epoch {e}/{n} loss {loss:.4f}"),
+            _epoch_logger(context),
         )
         tensors.update({f"mappers.{k}": v.contiguous() for k, v in mappers.state_dict().items()})
         history["mappers"] = hist.losses
@@ -184,7 +194,10 @@ def attention_retriever(
         feats = standardized(store, category, feats)
         b = load_tensors(store, category, "memory_banks", "banks.safetensors")
         retriever, hist = train_retriever(
-            feats, Banks(b["bank.rgb"], b["bank.keys"], b["bank.values"]), cfg.retriever
+            feats,
+            Banks(b["bank.rgb"], b["bank.keys"], b["bank.values"]),
+            cfg.retriever,
+            _epoch_logger(context),
         )
         tensors = {f"retriever.{k}": v.contiguous() for k, v in retriever.state_dict().items()}
         history["retriever"] = hist.losses
