@@ -40,6 +40,23 @@ def load_shot_features(store: CFRStore, category: str) -> tuple[FeatureSet, dict
     return FeatureSet(t["rgb"], t["points"], t["masks"].bool(), info["keys"]), info
 
 
+def write_tensor_stage(
+    store: CFRStore,
+    category: str,
+    stage: str,
+    name: str,
+    tensors: dict[str, torch.Tensor],
+    info: dict,
+) -> dict:
+    """``<name>.safetensors`` (a placeholder when the method needs nothing here) + ``<name>.json``."""
+
+    def write(folder: Path) -> None:
+        save_file(tensors or {"empty": torch.zeros(1)}, str(folder / f"{name}.safetensors"))
+        (folder / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    return store.write_stage(category, stage, write)
+
+
 def _epoch_logger(context: dg.AssetExecutionContext):
     """Training progress in the run log: every tenth epoch and the last one."""
 
@@ -128,13 +145,14 @@ def crossmodal_mappers(
         tensors.update({f"mappers.{k}": v.contiguous() for k, v in mappers.state_dict().items()})
         history["mappers"] = hist.losses
 
-    def write(folder: Path) -> None:
-        save_file(tensors or {"empty": torch.zeros(1)}, str(folder / "mappers.safetensors"))
-        (folder / "mappers.json").write_text(
-            json.dumps({"history": history, "method": cfg.method}, indent=2) + "\n"
-        )
-
-    pointer = store.write_stage(category, "crossmodal_mappers", write)
+    pointer = write_tensor_stage(
+        store,
+        category,
+        "crossmodal_mappers",
+        "mappers",
+        tensors,
+        {"history": history, "method": cfg.method},
+    )
     meta = {
         "method": cfg.method,
         "kind": cfg.mappers.kind,
@@ -166,10 +184,9 @@ def memory_banks(context: dg.AssetExecutionContext, settings: CFRModelSettings, 
     elif cfg.replacement is not None:
         tensors.update(build_banks(feats.rgb, feats.points, cfg.banks).tensors())
 
-    def write(folder: Path) -> None:
-        save_file(tensors or {"empty": torch.zeros(1)}, str(folder / "banks.safetensors"))
-
-    pointer = store.write_stage(category, "memory_banks", write)
+    pointer = write_tensor_stage(
+        store, category, "memory_banks", "banks", tensors, {"method": cfg.method}
+    )
     sizes = {k: list(v.shape) for k, v in tensors.items()}
     return _result(
         pointer,
@@ -202,11 +219,14 @@ def attention_retriever(
         tensors = {f"retriever.{k}": v.contiguous() for k, v in retriever.state_dict().items()}
         history["retriever"] = hist.losses
 
-    def write(folder: Path) -> None:
-        save_file(tensors or {"empty": torch.zeros(1)}, str(folder / "retriever.safetensors"))
-        (folder / "retriever.json").write_text(json.dumps({"history": history}, indent=2) + "\n")
-
-    pointer = store.write_stage(category, "attention_retriever", write)
+    pointer = write_tensor_stage(
+        store,
+        category,
+        "attention_retriever",
+        "retriever",
+        tensors,
+        {"history": history, "method": cfg.method},
+    )
     meta = {}
     if history:
         meta = {
