@@ -66,13 +66,20 @@ class FeatureCache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    def key(self, sample: Sample, extractor: Extractor, preprocess: PreprocessConfig) -> str:
+    @staticmethod
+    def file_hashes(sample: Sample) -> tuple[str, str]:
+        """sha256 of the sample's RGB and xyz files (hash once, key both extractors)."""
+        return sha256_file(sample.rgb_path), sha256_file(sample.xyz_path)
+
+    def key(
+        self, files: tuple[str, str], extractor: Extractor, preprocess: PreprocessConfig
+    ) -> str:
         blob = json.dumps(
             {
                 "extractor": extractor.lineage_id,
                 "preprocess": asdict(preprocess),
-                "rgb": sha256_file(sample.rgb_path),
-                "xyz": sha256_file(sample.xyz_path),
+                "rgb": files[0],
+                "xyz": files[1],
             },
             sort_keys=True,
         )
@@ -134,8 +141,9 @@ def extract_features(
     todo = []
     for i, sample in enumerate(samples):
         if cache is not None:
+            files = cache.file_hashes(sample)
             for m, (ex, store) in enumerate(((rgb_ex, rgb_maps), (pts_ex, pts_maps))):
-                keys[i, m] = cache.key(sample, ex, preprocess)
+                keys[i, m] = cache.key(files, ex, preprocess)
                 store[i] = cache.get(keys[i, m])
         if rgb_maps[i] is None or pts_maps[i] is None:
             todo.append(i)
