@@ -34,7 +34,10 @@ def finite_weights(context: dg.AssetCheckExecutionContext, store: CFRStore) -> d
     asset=evaluation_report,
     blocking=True,
     partitions_def=category_partitions,
-    description="Banks have the feature dimensions of the extractors and the coreset size of the shots.",
+    description=(
+        "Banks have the feature dimensions of the extractors, at most the coreset size "
+        "of the shots, and as many values as keys."
+    ),
 )
 def bank_shape(context: dg.AssetCheckExecutionContext, store: CFRStore) -> dg.AssetCheckResult:
     _, model = candidate(store, context.partition_key)
@@ -49,8 +52,10 @@ def bank_shape(context: dg.AssetCheckExecutionContext, store: CFRStore) -> dg.As
         ):
             if t.ndim != 2 or t.shape[1] != d:
                 problems.append(f"{name} bank has shape {tuple(t.shape)}, expected (*, {d})")
-            elif t.shape[0] != expected:
-                problems.append(f"{name} bank has {t.shape[0]} entries, expected {expected}")
+            elif not 0 < t.shape[0] <= expected:  # fewer only when the shots repeat rows
+                problems.append(f"{name} bank has {t.shape[0]} entries, expected 1..{expected}")
+        if model.banks.keys.shape[0] != model.banks.values.shape[0]:
+            problems.append("key and value banks differ in length")
     if model.joint_bank is not None and model.joint_bank.shape[1] != dims["rgb"] + dims["points"]:
         problems.append(f"joint bank has width {model.joint_bank.shape[1]}")
     if cfg.replacement is not None and model.banks is None:

@@ -5,6 +5,7 @@ from cfr_core.config import MapperConfig
 from cfr_core.memory import build_banks, greedy_coreset, nearest_distance, topk_cosine
 from cfr_core.memory.bank import coreset_size
 from cfr_core.memory.coreset import random_projection
+from cfr_core.memory.search import any_similar
 from cfr_core.models import AttentionRetriever, CrossModalMappers, GeGLU, cosine_loss
 from cfr_core.models.mappers import default_hidden
 
@@ -92,6 +93,18 @@ def test_pruned_coreset_matches_plain_greedy(dims, zeros):
     assert len(set(got.tolist())) == 400
 
 
+def test_coreset_stops_when_every_distinct_row_is_chosen():
+    # four identical shots of a small part on a zero background: fewer distinct rows
+    # than the 10 % asked for; repeats would only duplicate bank entries
+    torch.manual_seed(3)
+    part = torch.randn(30, 16)
+    shot = torch.cat([part, torch.zeros(170, 16)])
+    x = torch.cat([shot] * 4)  # 800 rows, 31 distinct
+    got = greedy_coreset(x, 80, projection_dim=8, n_starts=3, seed=0)
+    assert len(got) == 31
+    assert len({tuple(r.tolist()) for r in x[got]}) == 31  # each distinct row exactly once
+
+
 def test_coreset_sizes_match_the_paper():
     assert coreset_size(50_176, 0.1) == 5_017 and coreset_size(4 * 50_176, 0.1) == 20_070
 
@@ -106,6 +119,18 @@ def test_chunked_search_equals_full():
     assert torch.allclose(
         nearest_distance(q, bank, budget=700), torch.cdist(q, bank).min(1).values, atol=1e-4
     )
+
+
+@pytest.mark.parametrize("head", [1, 37, 300, 5000])
+def test_two_pass_similarity_test_equals_the_full_search(head):
+    torch.manual_seed(4)
+    bank = torch.randn(300, 16)
+    q = torch.cat([bank[:40] + 0.3 * torch.randn(40, 16), torch.randn(60, 16)])
+    best = topk_cosine(q, bank, 1)[0][:, 0]
+    for min_sim in (0.2, 0.6, 0.9):
+        got = any_similar(q, bank, min_sim, head=head, budget=500)
+        assert torch.equal(got, best >= min_sim)
+        assert 0 < int(got.sum()) < len(q) or min_sim == 0.2  # both outcomes occur
 
 
 def test_key_value_bank_keeps_pixel_pairs():

@@ -42,7 +42,11 @@ def greedy_coreset(
     seed: int = 0,
     progress_every: float = 10.0,
 ) -> torch.Tensor:
-    """Indices (n,) of the coreset of ``features`` (N×D), in selection order."""
+    """Indices (at most n) of the coreset of ``features`` (N×D), in selection order.
+
+    Fewer than ``n`` come back only when the rows hold fewer than ``n`` distinct
+    points: the rest would be repeats of rows already chosen.
+    """
     total = features.shape[0]
     if n < 1 or n > total:
         raise ConfigError(f"coreset size must be in [1, {total}], got {n}")
@@ -69,9 +73,16 @@ def greedy_coreset(
     centres = torch.empty(n, x.shape[1], device=features.device)
     centre_sq = torch.empty(n, device=features.device)
     slack = 1e-6 * float(sq.mean()) + 1e-12  # float32 rounding of the squared distances
+    same = 1e-5 * float(sq.max()) + 1e-12  # rows closer than this are copies of each other
     dense = True
     started = last_log = time.perf_counter()
     for i in range(n):
+        if min_d.numel() == 0 or float(min_d.max()) <= same:
+            # every row coincides with a centre up to float32 rounding (fewer distinct
+            # rows than n, e.g. the zero features of a large background): more picks
+            # would only repeat rows already chosen
+            log.info("coreset: all %d rows covered by %d distinct centres (asked %d)", total, i, n)
+            return chosen[:i]
         local = int(torch.argmax(min_d))
         pick = int(alive[local])
         c = x[pick]
