@@ -101,6 +101,12 @@ def load_checked(model_dir: Path):
 )
 @click.option("--theta", type=float, help="Replacement threshold θ (default 0.4; Eyecandies: 0.2).")
 @click.option(
+    "--stride",
+    type=click.IntRange(1),
+    help="Map every STRIDE-th pixel and interpolate (STRIDE² less work; default 1 = every "
+    "pixel, as the paper). See bench/results/speed.md for its accuracy cost.",
+)
+@click.option(
     "--epochs", type=click.IntRange(1), help="Override mapper and retriever epochs (default 100)."
 )
 @click.option(
@@ -123,6 +129,7 @@ def fit_cmd(
     allow_random_weights,
     grid,
     theta,
+    stride,
     epochs,
     cache,
     out,
@@ -148,6 +155,8 @@ def fit_cmd(
     )
     if theta is not None:
         cfg = replace(cfg, scoring=replace(cfg.scoring, theta=theta))
+    if stride is not None:
+        cfg = replace(cfg, scoring=replace(cfg.scoring, stride=stride))
     if epochs is not None:
         cfg = replace(
             cfg,

@@ -123,8 +123,13 @@ class ScoringConfig:
     blur: tuple[tuple[int, int], ...] | None = None
     cond_top_k: int = 8  # cfr-cond: candidates among which the closest to the observed RGB wins
     threshold_margin: float = 0.05  # decision threshold = max validation score * (1 + margin)
+    # Map every stride-th pixel of the foreground and interpolate the map between
+    # them: stride² times less mapping and bank search. 1 = every pixel (the paper).
+    stride: int = 1
 
     def __post_init__(self) -> None:
+        if self.stride < 1:
+            raise ConfigError(f"scoring stride must be >= 1, got {self.stride}")
         for kernel, repeats in self.blur or ():
             if kernel < 1 or kernel % 2 == 0 or repeats < 0:
                 raise ConfigError(f"blur kernels must be odd and positive, got {self.blur}")

@@ -96,6 +96,34 @@ def test_replacement_fires_at_low_theta(synth_root, cache, fitted):
     assert not torch.equal(ev.result.maps, base.result.maps)
 
 
+def test_replacement_decision_is_the_plausibility_rule(synth_root, cache, fitted):
+    from cfr_core.data.mvtec import index_category
+    from cfr_core.engine.infer import plausibility, replace_unreliable
+
+    model = fitted["cfr"]
+    feats = extract_features(
+        index_category(synth_root, "speckled").split("test")[:2],
+        build_extractors(model.config.extractors),
+        model.config.preprocess,
+        cache,
+    )
+    feats = model.norm.apply(feats)
+    fg = feats.foreground[0]
+    f_rgb, f_3d = feats.rgb[0][:, fg].T, feats.points[0][:, fg].T
+    p_rgb, _ = model.mappers(f_rgb, f_3d)
+    d = plausibility(p_rgb, model.banks.rgb)
+    counts = []
+    for theta in (0.02, 0.05, 0.1, 0.4):
+        m = replace(
+            model, config=replace(model.config, scoring=replace(model.config.scoring, theta=theta))
+        )
+        out, n = replace_unreliable(m, p_rgb, f_rgb, f_3d)
+        assert n == int((d >= theta).sum()), theta
+        assert torch.equal(out[d < theta], p_rgb[d < theta])
+        counts.append(n)
+    assert counts[0] > counts[-1]  # the thresholds really split the pixels differently
+
+
 def test_fit_is_deterministic(synth_root, cache, fitted):
     again = fit(synth_root, "speckled", tiny("cfr"), cache)
     first = fitted["cfr"].tensors()
@@ -138,6 +166,47 @@ def test_inference_is_batch_invariant(synth_root, cache, fitted):
     alone = [infer(model, feats.select([i])) for i in range(len(feats))]
     assert torch.allclose(together.scores, torch.cat([a.scores for a in alone]), atol=1e-6)
     assert torch.allclose(together.maps, torch.cat([a.maps for a in alone]), atol=1e-6)
+
+
+def test_upsample_samples_is_exact_at_samples_and_linear_between():
+    from cfr_core.engine.infer import upsample_samples
+
+    ramp = torch.arange(4.0).view(1, 4).expand(4, 4)  # value j at full-grid column 3·j
+    up = upsample_samples(ramp, 3, 11)  # samples at 0, 3, 6, 9; column 10 repeats 9
+    assert torch.allclose(up[0, :10], torch.arange(10.0) / 3, atol=1e-6)
+    assert up[0, 10] == up[0, 9] and torch.equal(up[:, 0], torch.zeros(11))
+    assert torch.equal(upsample_samples(torch.tensor([[2.5]]), 4, 3), torch.full((3, 3), 2.5))
+
+
+def test_strided_inference_covers_the_foreground_and_follows_the_full_map(
+    synth_root, cache, fitted
+):
+    from cfr_core.data.mvtec import index_category
+
+    feats = extract_features(
+        index_category(synth_root, "speckled").split("test"),
+        build_extractors(fitted["cfr"].config.extractors),
+        fitted["cfr"].config.preprocess,
+        cache,
+    )
+    for method in ("cfr", "btf"):
+        model = fitted[method]
+        full = infer(model, feats)
+        strided = infer(
+            replace(
+                model, config=replace(model.config, scoring=replace(model.config.scoring, stride=2))
+            ),
+            feats,
+        )
+        unblurred = replace(model.config.scoring, blur=(), stride=2)
+        raw = infer(replace(model, config=replace(model.config, scoring=unblurred)), feats)
+        fg = feats.foreground
+        assert (raw.maps[fg] > 0).all() and (raw.maps[~fg] == 0).all()  # no hole, no bleed
+        corr = np.corrcoef(full.maps.flatten().numpy(), strided.maps.flatten().numpy())[0, 1]
+        assert corr > 0.9, (method, corr)
+        assert not torch.equal(full.maps, strided.maps)
+    with pytest.raises(ConfigError, match="stride"):
+        replace(fitted["cfr"].config.scoring, stride=0)
 
 
 def test_save_load_round_trip_gives_identical_scores(synth_root, cache, fitted, tmp_path):

@@ -2,7 +2,8 @@
 
 Only foreground pixels are reconstructed and searched (background is set to 0
 before the blur anyway), and each image is processed on its own, so results do
-not depend on how samples are batched.
+not depend on how samples are batched. ``scoring.stride`` > 1 evaluates every
+stride-th foreground pixel and interpolates the map between them.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from cfr_core.engine.features import FeatureSet
 from cfr_core.engine.model import FittedModel
+from cfr_core.engine.timing import NO_TIMER, StageTimer
 from cfr_core.errors import ShapeMismatchError
 from cfr_core.memory.bank import joint_features
-from cfr_core.memory.search import nearest_distance, topk_cosine
+from cfr_core.memory.search import any_similar, nearest_distance, topk_cosine
 from cfr_core.scoring.maps import box_blur, discrepancy, image_scores
 
 
@@ -33,18 +36,45 @@ def plausibility(pred_rgb: torch.Tensor, rgb_bank: torch.Tensor) -> torch.Tensor
     return 1.0 - sims[:, 0]
 
 
+def _above(x: float) -> float:
+    """The smallest float32 greater than ``x`` (so that ``>=`` on it means ``>`` on x)."""
+    return float(torch.nextafter(torch.tensor(x), torch.tensor(2.0)))
+
+
 def replace_unreliable(
-    model: FittedModel, p_rgb: torch.Tensor, f_rgb: torch.Tensor, f_3d: torch.Tensor
+    model: FittedModel,
+    p_rgb: torch.Tensor,
+    f_rgb: torch.Tensor,
+    f_3d: torch.Tensor,
+    timer: StageTimer | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Replace the rows of ``p_rgb`` whose plausibility d >= theta; return (rows, count)."""
     how = model.config.replacement
     if how is None or p_rgb.shape[0] == 0:
         return p_rgb, 0
+    timer = timer or NO_TIMER
     banks = model.banks
-    unreliable = plausibility(p_rgb, banks.rgb) >= model.config.scoring.theta
-    n = int(unreliable.sum())
+    with timer("bank search"):
+        # d = 1 - max cos >= theta  <=>  no bank row with cos > 1 - theta
+        unreliable = ~any_similar(p_rgb, banks.rgb, _above(1.0 - model.config.scoring.theta))
+        n = int(unreliable.sum())
     if n == 0:
         return p_rgb, 0
+    with timer("replacement"):
+        return _replacement(model, how, p_rgb, f_rgb, f_3d, unreliable, n), n
+
+
+def _replacement(
+    model: FittedModel,
+    how: str,
+    p_rgb: torch.Tensor,
+    f_rgb: torch.Tensor,
+    f_3d: torch.Tensor,
+    unreliable: torch.Tensor,
+    n: int,
+) -> torch.Tensor:
+    """``p_rgb`` with its ``unreliable`` rows (``n`` of them) replaced by retrieval."""
+    banks = model.banks
     query = f_3d[unreliable]
     if how == "attention":
         _, idx = topk_cosine(query, banks.keys, model.retriever.top_k)
@@ -59,7 +89,7 @@ def replace_unreliable(
         new = cand[torch.arange(n), sim.argmax(dim=1)]
     out = p_rgb.clone()
     out[unreliable] = new
-    return out, n
+    return out
 
 
 def _check_dims(model: FittedModel, features: FeatureSet) -> None:
@@ -71,32 +101,103 @@ def _check_dims(model: FittedModel, features: FeatureSet) -> None:
         )
 
 
+def _pixel_values(
+    model: FittedModel, f_rgb: torch.Tensor, f_3d: torch.Tensor, timer: StageTimer
+) -> tuple[torch.Tensor, int]:
+    """Anomaly values (N,) of N foreground pixels' features, and how many were replaced."""
+    if model.config.method == "btf":
+        with timer("bank search"):
+            return nearest_distance(joint_features(f_rgb, f_3d), model.joint_bank), 0
+    with timer("mapping"):
+        p_rgb, p_3d = model.mappers(f_rgb, f_3d)
+    p_rgb, n_rep = replace_unreliable(model, p_rgb, f_rgb, f_3d, timer)
+    with timer("scoring"):
+        return discrepancy(p_rgb, f_rgb) * discrepancy(p_3d, f_3d), n_rep
+
+
+def upsample_samples(coarse: torch.Tensor, stride: int, size: int) -> torch.Tensor:
+    """Bilinear interpolation of values sampled at full-grid pixels (stride·j, stride·k).
+
+    ``coarse`` is m×m with m = ceil(size / stride); the output is size×size,
+    equal to ``coarse`` at the sampled pixels, and the last (size-1) % stride
+    rows and columns repeat the nearest sampled value.
+    """
+    m = coarse.shape[-1]
+    span = stride * (m - 1) + 1
+    if m == 1:
+        return coarse.reshape(1, 1).expand(size, size).clone()
+    up = F.interpolate(coarse[None, None], size=(span, span), mode="bilinear", align_corners=True)
+    up = up[0, 0]
+    if span < size:
+        up = F.pad(up[None], (0, size - span, 0, size - span), mode="replicate")[0]
+    return up[:size, :size]
+
+
+def _strided_map(
+    model: FittedModel, rgb: torch.Tensor, pts: torch.Tensor, fg: torch.Tensor, timer: StageTimer
+) -> tuple[torch.Tensor, float]:
+    """G×G map of one sample computed on every ``stride``-th pixel and interpolated.
+
+    Interpolation only mixes foreground samples (normalised by their weights), so
+    the background never dilutes the border; the few foreground pixels with no
+    foreground sample around them are computed exactly.
+    """
+    s, size = model.config.scoring.stride, fg.shape[-1]
+    out = torch.zeros(fg.shape, dtype=torch.float32, device=fg.device)
+    if s == 1:
+        values, n_rep = _pixel_values(model, rgb[:, fg].T, pts[:, fg].T, timer)
+        out[fg] = values.float()
+        return out, n_rep / max(1, int(fg.sum()))
+    cfg = fg[::s, ::s]
+    coarse = torch.zeros(cfg.shape, dtype=torch.float32, device=fg.device)
+    values, n_rep = _pixel_values(
+        model, rgb[:, ::s, ::s][:, cfg].T, pts[:, ::s, ::s][:, cfg].T, timer
+    )
+    coarse[cfg] = values.float()
+    with timer("scoring"):
+        weight = upsample_samples(cfg.float(), s, size)
+        num = upsample_samples(coarse, s, size)
+        covered = fg & (weight > 1e-6)
+        out[covered] = num[covered] / weight[covered]
+    orphans = fg & ~covered
+    n_queries = int(cfg.sum())
+    if orphans.any():
+        extra, n_extra = _pixel_values(model, rgb[:, orphans].T, pts[:, orphans].T, timer)
+        out[orphans] = extra.float()
+        n_rep, n_queries = n_rep + n_extra, n_queries + int(orphans.sum())
+    return out, n_rep / max(1, n_queries)
+
+
 @torch.no_grad()
-def infer(model: FittedModel, features: FeatureSet) -> InferenceResult:
-    """Anomaly maps and scores of ``features`` under ``model``."""
+def infer(
+    model: FittedModel, features: FeatureSet, timer: StageTimer | None = None
+) -> InferenceResult:
+    """Anomaly maps and scores of ``features`` under ``model``.
+
+    With ``scoring.stride`` s > 1 the mappers and banks see every s-th pixel
+    of the foreground and the map is interpolated between them (s² times less
+    work; see bench/results/speed.md for what it costs in accuracy).
+    ``timer`` (benchmarks) collects the seconds of each stage: standardise,
+    mapping, bank search, replacement (retrieval of the unreliable pixels) and
+    scoring.
+    """
     _check_dims(model, features)
+    timer = timer or NO_TIMER
     if model.norm is not None:
-        features = model.norm.apply(features)
+        with timer("standardise"):
+            features = model.norm.apply(features)
     fg_all = features.foreground
-    maps = torch.zeros(fg_all.shape, dtype=torch.float32)
+    maps = torch.zeros(fg_all.shape, dtype=torch.float32, device=fg_all.device)
     replaced = torch.zeros(len(features))
     for i in range(len(features)):
-        fg = fg_all[i]
-        n_fg = int(fg.sum())
-        if n_fg == 0:
-            continue
-        f_rgb, f_3d = features.rgb[i][:, fg].T, features.points[i][:, fg].T
+        if fg_all[i].any():
+            maps[i], replaced[i] = _strided_map(
+                model, features.rgb[i], features.points[i], fg_all[i], timer
+            )
+    with timer("scoring"):
+        maps = box_blur(maps, model.config.scoring.blur)
         if model.config.method == "btf":
-            values = nearest_distance(joint_features(f_rgb, f_3d), model.joint_bank)
+            scores = maps.reshape(len(features), -1).max(dim=1).values
         else:
-            p_rgb, p_3d = model.mappers(f_rgb, f_3d)
-            p_rgb, n_rep = replace_unreliable(model, p_rgb, f_rgb, f_3d)
-            replaced[i] = n_rep / n_fg
-            values = discrepancy(p_rgb, f_rgb) * discrepancy(p_3d, f_3d)
-        maps[i][fg] = values.float()
-    maps = box_blur(maps, model.config.scoring.blur)
-    if model.config.method == "btf":
-        scores = maps.reshape(len(features), -1).max(dim=1).values
-    else:
-        scores = image_scores(maps)
+            scores = image_scores(maps)
     return InferenceResult(maps=maps, scores=scores, replaced=replaced, foreground=fg_all)

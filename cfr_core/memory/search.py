@@ -1,12 +1,35 @@
-"""Chunked top-k cosine search: memory stays bounded whatever the bank size."""
+"""Exact chunked cosine search: memory stays bounded whatever the bank size.
+
+Queries go through the bank in chunks of rows. With low-dimensional features
+the similarity matrix, not the matmul, is the cost, so chunks are kept small
+enough to stay in cache (``CACHE_ELEMENTS_PER_DIM``); with wide features larger
+chunks keep the matmul efficient. ``budget`` caps a chunk's elements either way.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-#: similarity-matrix elements computed at once (64 Mi floats = 256 MiB)
+#: similarity-matrix elements computed at once at most (64 Mi floats = 256 MiB)
 DEFAULT_BUDGET = 1 << 26
+#: chunk elements per feature dimension (39-d: ~1.3 Mi, 768-d: 25 Mi elements)
+CACHE_ELEMENTS_PER_DIM = 1 << 15
+
+
+def _check(queries: torch.Tensor, bank: torch.Tensor) -> None:
+    if queries.shape[1] != bank.shape[1]:
+        raise ValueError(f"query dim {queries.shape[1]} != bank dim {bank.shape[1]}")
+
+
+def _similarity_chunks(q: torch.Tensor, b: torch.Tensor, budget: int) -> Iterator[torch.Tensor]:
+    """q @ b.T, a block of query rows at a time."""
+    elements = min(budget, CACHE_ELEMENTS_PER_DIM * q.shape[1])
+    rows = max(1, elements // max(1, b.shape[0]))
+    for s in range(0, q.shape[0], rows):
+        yield q[s : s + rows] @ b.T
 
 
 def topk_cosine(
@@ -18,20 +41,20 @@ def topk_cosine(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(similarities, indices), each Q×k, of the ``k`` most cosine-similar bank rows per query.
 
-    ``queries`` Q×D and ``bank`` M×D; the Q×M similarity matrix is never built
-    whole: queries go in chunks of ``budget // M`` rows.
+    ``queries`` Q×D and ``bank`` M×D; the Q×M similarity matrix is never built whole.
     """
-    if queries.shape[1] != bank.shape[1]:
-        raise ValueError(f"query dim {queries.shape[1]} != bank dim {bank.shape[1]}")
+    _check(queries, bank)
     k = min(k, bank.shape[0])
     q = F.normalize(queries.float(), dim=1)
     b = bank.float() if bank_is_unit else F.normalize(bank.float(), dim=1)
-    rows = max(1, budget // max(1, bank.shape[0]))
     sims, idxs = [], []
-    for s in range(0, q.shape[0], rows):
-        top = torch.topk(q[s : s + rows] @ b.T, k, dim=1)
-        sims.append(top.values)
-        idxs.append(top.indices)
+    for block in _similarity_chunks(q, b, budget):
+        if k == 1:  # max is about twice as fast as topk
+            values, indices = block.max(dim=1, keepdim=True)
+        else:
+            values, indices = torch.topk(block, k, dim=1)
+        sims.append(values)
+        idxs.append(indices)
     if not sims:
         empty = torch.empty(0, k, device=queries.device)
         return empty, empty.long()
@@ -42,11 +65,45 @@ def nearest_distance(
     queries: torch.Tensor, bank: torch.Tensor, budget: int = DEFAULT_BUDGET
 ) -> torch.Tensor:
     """Euclidean distance (Q,) from each query to its nearest bank row, chunked."""
-    rows = max(1, budget // max(1, bank.shape[0]))
-    b_sq = (bank.float() ** 2).sum(dim=1)
+    _check(queries, bank)
+    b = bank.float()
+    b_sq = (b**2).sum(dim=1)
+    q = queries.float()
+    q_sq = (q * q).sum(dim=1)
     out = []
-    for s in range(0, queries.shape[0], rows):
-        q = queries[s : s + rows].float()
-        d2 = (q * q).sum(dim=1, keepdim=True) - 2.0 * q @ bank.float().T + b_sq
-        out.append(d2.min(dim=1).values.clamp_min(0.0).sqrt())
+    start = 0
+    for block in _similarity_chunks(q, b, budget):
+        rows = slice(start, start + block.shape[0])
+        start += block.shape[0]
+        d2 = (b_sq - 2.0 * block).amin(dim=1) + q_sq[rows]
+        out.append(d2.clamp_min(0.0).sqrt())
     return torch.cat(out) if out else torch.empty(0, device=queries.device)
+
+
+def _max_cosine(q: torch.Tensor, b: torch.Tensor, budget: int) -> torch.Tensor:
+    parts = [block.amax(dim=1) for block in _similarity_chunks(q, b, budget)]
+    return torch.cat(parts) if parts else torch.empty(0, device=q.device)
+
+
+def any_similar(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    min_sim: float,
+    head: int = 2048,
+    budget: int = DEFAULT_BUDGET,
+) -> torch.Tensor:
+    """(Q,) bool: whether some bank row has cosine similarity >= ``min_sim`` to each query.
+
+    Exact, in two passes: every query against the first ``head`` rows, then only
+    the undecided queries against the rest. A coreset bank is stored in
+    selection order, so its first rows already cover the feature space and most
+    plausible queries are decided by the cheap first pass.
+    """
+    _check(queries, bank)
+    q = F.normalize(queries.float(), dim=1)
+    b = F.normalize(bank.float(), dim=1)
+    found = _max_cosine(q, b[:head], budget) >= min_sim
+    undecided = torch.nonzero(~found).squeeze(1)
+    if head < b.shape[0] and undecided.numel():
+        found[undecided] = _max_cosine(q[undecided], b[head:], budget) >= min_sim
+    return found
