@@ -85,6 +85,15 @@ def test_point_ops():
         mixed[:5], feats, atol=1e-3
     )
     assert smooth_to_grid(torch.ones(3, 20, 20), 20).shape == (3, 20, 20)
+    x = torch.rand(2, 5, 24, 24)
+    plain = torch.nn.functional.adaptive_avg_pool2d(torch.nn.functional.avg_pool2d(x, 3, 1), 24)
+    smoothed = smooth_to_grid(x, 24)
+    assert torch.equal(smoothed, plain)
+    # a lone valid pixel spreads over its 3×3 window, never further
+    one = torch.zeros(1, 12, 12)
+    one[0, 5, 5] = 9.0
+    spread = smooth_to_grid(one, 10)[0]  # 3×3 pool alone (10 = 12 - 2)
+    assert torch.allclose(spread[3:6, 3:6], torch.ones(3, 3)) and float(spread.sum()) == 9.0
 
 
 def _official_checkpoint(path, seed=3):
@@ -111,6 +120,17 @@ def test_point_mae_loads_official_layout_and_stays_in_eval(scans, tmp_path):
     out = ex(scans)
     assert out.shape == (2, 3 * SMALL_MAE["dim"], GRID, GRID) and torch.isfinite(out).all()
     assert torch.allclose(torch.cat([ex(scans[:1]), ex(scans[1:])]), out, atol=1e-5)
+
+
+def test_point_mae_tokenizer_equals_the_concatenating_pointnet(tmp_path):
+    enc = _official_checkpoint(tmp_path / "pretrain.pth").eval()
+    tok = enc.encoder
+    groups = torch.randn(6, 16, 3)
+    with torch.no_grad():
+        x = tok.first_conv(groups.transpose(1, 2))
+        pooled = x.max(dim=2, keepdim=True).values.expand(-1, -1, 16)
+        reference = tok.second_conv(torch.cat([pooled, x], dim=1)).max(dim=2).values
+        assert torch.allclose(tok(groups), reference, atol=1e-5)
 
 
 def test_point_mae_bad_checkpoints(tmp_path):

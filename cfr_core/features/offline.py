@@ -26,7 +26,7 @@ from scipy.spatial import cKDTree
 
 from cfr_core.data.prepare import PreparedScan
 from cfr_core.features.base import Extractor, register_extractor
-from cfr_core.features.point_ops import scatter_to_grid, smooth_to_grid
+from cfr_core.features.point_ops import scatter_to_grid, smooth_to_grid, stack_maps
 
 # ----------------------------------------------------------------------------- RGB
 
@@ -280,7 +280,7 @@ class FPFHExtractor(Extractor):
             valid, feats = self.point_features(scan)
             values = torch.from_numpy(feats).float()
             maps.append(scatter_to_grid(values, torch.from_numpy(valid)))
-        native = smooth_to_grid(torch.stack(maps), self.native)
+        native = smooth_to_grid(stack_maps(maps), self.native)
         if self.native == self.grid:
             return native.to(self.device)
         # Upsample without bleeding features into the background: nearest for the

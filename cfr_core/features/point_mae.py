@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cfr_core.data.prepare import PreparedScan
@@ -35,6 +36,7 @@ from cfr_core.features.point_ops import (
     resize_cloud,
     scatter_to_grid,
     smooth_to_grid,
+    stack_maps,
     valid_points,
 )
 
@@ -60,11 +62,16 @@ class MiniPointNet(nn.Module):
         )
 
     def forward(self, groups: torch.Tensor) -> torch.Tensor:
-        k = groups.shape[1]
         x = self.first_conv(groups.transpose(1, 2))  # G×256×K
-        pooled = x.max(dim=2, keepdim=True).values
-        x = self.second_conv(torch.cat([pooled.expand(-1, -1, k), x], dim=1))
-        return x.max(dim=2).values
+        pooled = x.max(dim=2).values  # G×256
+        # second_conv[0] sees cat([pooled broadcast over K, x]): its pooled half is the
+        # same for every point of a group, so apply it once per group (a quarter of
+        # the tokenizer's multiply-adds saved, same result up to float rounding)
+        first = self.second_conv[0]
+        c = pooled.shape[1]
+        per_group = pooled @ first.weight[:, :c, 0].T + first.bias  # G×512
+        h = F.conv1d(x, first.weight[:, c:], None) + per_group.unsqueeze(-1)
+        return self.second_conv[1:](h).max(dim=2).values
 
 
 class Attention(nn.Module):
@@ -239,7 +246,7 @@ class PointMAEExtractor(Extractor):
             xyz = torch.from_numpy(np.ascontiguousarray(scan.xyz)).to(self.device)
             valid, feats = self.point_features(xyz)
             maps.append(scatter_to_grid(feats, valid))
-        return smooth_to_grid(torch.stack(maps), self.grid)
+        return smooth_to_grid(stack_maps(maps), self.grid)
 
 
 @register_extractor("point_mae")
