@@ -116,6 +116,12 @@ def load_checked(model_dir: Path):
     "--out", required=True, type=click.Path(path_type=Path), help="Model folder to write."
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where features are extracted (and, for fit, the mappers trained): cpu, cuda, cuda:N.",
+)
 @_fail_cleanly
 def fit_cmd(
     root,
@@ -134,6 +140,7 @@ def fit_cmd(
     cache,
     out,
     overwrite,
+    device,
 ):
     """Fit a detector for one category from SHOTS normal samples; write a model folder.
 
@@ -165,7 +172,12 @@ def fit_cmd(
         )
     click.echo(f"fitting {method} on {shots} shot(s) of {category} ({preset} extractors)", err=True)
     model = fit(
-        root, category, cfg, FeatureCache(cache) if cache else None, progress=_training_progress
+        root,
+        category,
+        cfg,
+        FeatureCache(cache) if cache else None,
+        progress=_training_progress,
+        device=device,
     )
     digest = save_model(model, out, overwrite=overwrite)
     click.echo(f"shots: {', '.join(s.key for s in model.shots)}")
@@ -188,8 +200,14 @@ def fit_cmd(
     help="Save anomaly-map overlays (PNG) here.",
 )
 @click.option("--cache", type=click.Path(path_type=Path), help="Feature cache folder.")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where features are extracted (and, for fit, the mappers trained): cpu, cuda, cuda:N.",
+)
 @_fail_cleanly
-def evaluate_cmd(model_dir, root, json_out, maps_dir, cache):
+def evaluate_cmd(model_dir, root, json_out, maps_dir, cache, device):
     """Score every test sample of the model's category and report the metrics."""
     from cfr_core.data.io import atomic_path
     from cfr_core.engine.features import FeatureCache
@@ -197,7 +215,12 @@ def evaluate_cmd(model_dir, root, json_out, maps_dir, cache):
 
     model, extractors = load_checked(model_dir)
     ev = evaluate(
-        model, root, FeatureCache(cache) if cache else None, extractors, _progress("scoring")
+        model,
+        root,
+        FeatureCache(cache) if cache else None,
+        extractors,
+        _progress("scoring"),
+        device=device,
     )
     r = ev.report
     payload = {

@@ -26,6 +26,10 @@ def test_fit_evaluate_score_end_to_end(synth_root, tmp_path):
             "3",
             "--cache",
             str(cache),
+            "--stride",
+            "2",
+            "--device",
+            "cpu",
             "--out",
             str(model),
         ],
@@ -34,6 +38,7 @@ def test_fit_evaluate_score_end_to_end(synth_root, tmp_path):
     assert "threshold:" in fit.output and (model / "weights.safetensors").exists()
     meta = json.loads((model / "model.json").read_text())
     assert meta["config"]["method"] == "cfr" and len(meta["shots"]) == 2
+    assert meta["config"]["scoring"]["stride"] == 2
     assert all(len(s["rgb_sha256"]) == 64 for s in meta["shots"])
 
     out_json, maps = tmp_path / "metrics.json", tmp_path / "maps"
@@ -139,3 +144,12 @@ def test_score_bad_inputs_name_the_file(synth_root, tmp_path):
         ],
     )
     assert wrong.exit_code == 2 and "need --extractors paper" in wrong.output
+
+
+def test_unusable_device_is_a_clear_error(synth_root, tmp_path):
+    base = ["fit", "--data", str(synth_root), "-c", "ribbed", "--grid", "32", "--epochs", "1"]
+    cases = (("tpu", "unknown device"), ("meta", "not supported"), ("cuda:7", "cuda"))
+    for device, says in cases:
+        res = CliRunner().invoke(main, [*base, "--device", device, "--out", str(tmp_path / "m")])
+        assert res.exit_code != 0 and says in res.output.lower(), (device, res.output)
+        assert "Traceback" not in res.output and not (tmp_path / "m").exists()

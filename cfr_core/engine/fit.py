@@ -26,13 +26,36 @@ from cfr_core.engine.infer import InferenceResult, infer
 from cfr_core.engine.model import FittedModel, ShotRecord
 from cfr_core.engine.normalize import FeatureNorm
 from cfr_core.engine.train import Progress, train_mappers, train_retriever
-from cfr_core.errors import EmptyCategoryError
+from cfr_core.errors import ConfigError, EmptyCategoryError
 from cfr_core.features.base import Extractor
 from cfr_core.memory.bank import build_banks, build_joint_bank
 from cfr_core.metrics.report import MetricReport, compute_report
 from cfr_core.scoring.maps import aupro_maps, decision_threshold, pixel_maps
 
 log = logging.getLogger(__name__)
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch.device, or a ConfigError that says what is available."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for, but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {device!r} asked for, but there are {torch.cuda.device_count()} GPUs"
+            )
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    return dev
+
+
+def on_device(extractors: tuple[Extractor, Extractor], device: str) -> tuple[Extractor, Extractor]:
+    dev = check_device(device)
+    return extractors[0].to(dev), extractors[1].to(dev)
 
 
 def shot_records(samples: Sequence[Sample]) -> list[ShotRecord]:
@@ -62,8 +85,13 @@ def fit_features(
     features: FeatureSet,
     extractors: tuple[Extractor, Extractor],
     progress: Progress | None = None,
+    device: str = "cpu",
 ) -> FittedModel:
-    """Train what ``config.method`` needs on the shots' features (no threshold yet)."""
+    """Train what ``config.method`` needs on the shots' features (no threshold yet).
+
+    ``device`` runs the mapper training there (the costly part with the paper's
+    1152/768-d features); banks, retriever and the returned model stay on the CPU.
+    """
     model = FittedModel(
         category=category,
         config=config,
@@ -78,7 +106,7 @@ def fit_features(
         )
         model.timings["banks"] = time.perf_counter() - t0
         return model
-    model.mappers, hist = train_mappers(features, config.mappers, progress)
+    model.mappers, hist = train_mappers(features, config.mappers, progress, device)
     model.history["mappers"] = hist.losses
     model.timings["mappers"] = hist.seconds
     if config.replacement is not None:
@@ -122,14 +150,19 @@ def fit(
     cache: FeatureCache | None = None,
     extractors: tuple[Extractor, Extractor] | None = None,
     progress: Progress | None = None,
+    device: str = "cpu",
 ) -> FittedModel:
-    """Fit ``config.method`` on ``config.shots`` normal samples of ``category``."""
+    """Fit ``config.method`` on ``config.shots`` normal samples of ``category``.
+
+    ``device`` ("cpu", "cuda", "cuda:1") runs feature extraction and mapper
+    training there; everything else, and the returned model, is on the CPU.
+    """
     index = index_category(root, category)
     selection = select_shots(index.require_train(), config.shots, config.fewshot_seed)
-    extractors = extractors or build_extractors(config.extractors)
+    extractors = on_device(extractors or build_extractors(config.extractors), device)
     t0 = time.perf_counter()
     shots = extract_features(selection.samples, extractors, config.preprocess, cache)
-    model = fit_features(category, config, shots, extractors, progress)
+    model = fit_features(category, config, shots, extractors, progress, device)
     model.timings["shot_features"] = time.perf_counter() - t0
     model.shots = shot_records(selection.samples)
     val, source = calibration_samples(root, category, selection.samples)
@@ -183,9 +216,11 @@ def evaluate(
     cache: FeatureCache | None = None,
     extractors: tuple[Extractor, Extractor] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    device: str = "cpu",
 ) -> Evaluation:
-    """Score every test sample of the model's category and compute the metrics."""
+    """Score every test sample of the model's category and compute the metrics
+    (features extracted on ``device``, scored on the CPU)."""
     samples = test_samples(root, model.category)
-    extractors = extractors or build_extractors(model.config.extractors)
+    extractors = on_device(extractors or build_extractors(model.config.extractors), device)
     features = extract_features(samples, extractors, model.config.preprocess, cache, progress)
     return evaluate_features(model, features, np.array([s.label for s in samples]))

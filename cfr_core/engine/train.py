@@ -95,12 +95,19 @@ def _foreground_rows(features: FeatureSet, i: int) -> tuple[torch.Tensor, torch.
 
 
 def train_mappers(
-    features: FeatureSet, config: MapperConfig, progress: Progress | None = None
+    features: FeatureSet,
+    config: MapperConfig,
+    progress: Progress | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[CrossModalMappers, History]:
-    """Fit the crossmodal mappers on the foreground pixels of the shots."""
+    """Fit the crossmodal mappers on the foreground pixels of the shots (on ``device``;
+    the mappers come back on the CPU)."""
     torch.manual_seed(config.seed)
     mappers = CrossModalMappers(features.rgb.shape[1], features.points.shape[1], config)
-    rows = [_foreground_rows(features, i) for i in range(len(features))]
+    mappers.to(device)
+    rows = [
+        tuple(t.to(device) for t in _foreground_rows(features, i)) for i in range(len(features))
+    ]
     if all(r[0].shape[0] == 0 for r in rows):
         raise TrainingError("mappers: the shots have no foreground pixel (no valid 3D point)")
     rows = [r for r in rows if r[0].shape[0] > 0]
@@ -111,7 +118,7 @@ def train_mappers(
     history = run_training(
         "mappers", mappers, len(rows), step, config.lr, config.epochs, config.seed, progress
     )
-    return mappers, history
+    return mappers.cpu(), history
 
 
 def _candidates(
