@@ -66,14 +66,17 @@ def greedy_coreset(
     min_d = (
         torch.stack([dist2(int(s)).sqrt() for s in starts]).mean(dim=0) ** 2
     )  # PatchCore's start
-    owner = torch.full((total,), -1, dtype=torch.long, device=features.device)  # -1: no centre yet
     alive = torch.arange(total, device=features.device)  # rows that can still change
     x_alive, sq_alive = x, sq
     chosen = torch.empty(n, dtype=torch.long, device=features.device)
     centres = torch.empty(n, x.shape[1], device=features.device)
     centre_sq = torch.empty(n, device=features.device)
     slack = 1e-6 * float(sq.mean()) + 1e-12  # float32 rounding of the squared distances
-    same = 1e-5 * float(sq.max()) + 1e-12  # rows closer than this are copies of each other
+    same = 1e-6 * float(sq.max()) + 1e-12  # float32 rounding: rows closer are copies
+    # a row is a candidate when d(c, owner)² < reach, reach = 4 min_d (+ rounding); kept
+    # up to date where min_d changes, so a pruned step is one gather and one compare
+    owner_of = torch.zeros(total, dtype=torch.long, device=features.device)  # owner, 0 if none
+    reach = torch.full((total,), math.inf, device=features.device)  # inf: no owner yet
     dense = True
     started = last_log = time.perf_counter()
     for i in range(n):
@@ -96,25 +99,24 @@ def greedy_coreset(
             to_centre = (centre_sq[: i + 1] - 2.0 * (centres[: i + 1] @ c) + sq[pick]).clamp_min_(
                 0.0
             )
-            bound = to_centre[owner.clamp_min(0)]
-            rows = torch.nonzero((owner < 0) | (bound < 4.0 * min_d * (1 + 1e-4) + slack)).squeeze(
-                1
-            )
+            rows = torch.nonzero(to_centre[owner_of] < reach).squeeze(1)
             d = (sq_alive[rows] - 2.0 * (x_alive[rows] @ c) + sq[pick]).clamp_min_(0.0)
             current = min_d[rows]
         better = d < current
         idx = torch.nonzero(better).squeeze(1) if rows is None else rows[better]
         min_d[idx] = d[better]
-        owner[idx] = i
+        owner_of[idx] = i
+        reach[idx] = 4.0 * (1 + 1e-4) * d[better] + slack
         min_d[local] = 0.0
-        owner[local] = i
+        owner_of[local] = i
+        reach[local] = slack
         if rows is not None:
             dense = rows.numel() > 0.4 * min_d.numel()
         elif i % 16 == 15:
             dense = False  # retry the bounds: the centres now cover more
         if i % 256 == 255 and (settled := int((min_d == 0).sum())) > 0.25 * min_d.numel():
             keep = min_d > 0  # rows at distance 0 can never be chosen or improved again
-            alive, min_d, owner = alive[keep], min_d[keep], owner[keep]
+            alive, min_d, owner_of, reach = alive[keep], min_d[keep], owner_of[keep], reach[keep]
             x_alive, sq_alive = x_alive[keep], sq_alive[keep]
             log.debug("coreset: dropped %d settled rows", settled)
         now = time.perf_counter()
