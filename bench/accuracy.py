@@ -271,6 +271,9 @@ def summarise(rows: list[dict], out: Path, theta_default: str) -> str:
                 )
             lines.append(f"| {shot} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
+    notes = out / "accuracy_notes.md"
+    if notes.exists():  # the hand-written reading of the numbers, kept across reruns
+        text += "\n" + notes.read_text()
     (out / "accuracy.md").write_text(text)
     _plot(main, out / "accuracy.png", shots)
     return text
@@ -323,6 +326,9 @@ def main() -> None:
     p.add_argument(
         "--quick", action="store_true", help="smoke run: 1 seed, 1 shot, 10 epochs, 2 categories"
     )
+    p.add_argument(
+        "--summarise", action="store_true", help="only rewrite the reports from accuracy.csv"
+    )
     args = p.parse_args()
     if args.quick:
         args.seeds, args.shots, args.epochs = [42], [1], 10
@@ -330,6 +336,11 @@ def main() -> None:
         args.out = args.out / "quick"
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.summarise:
+        with open(args.out / "accuracy.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        print(summarise(rows, args.out, str(FitConfig().scoring.theta)))
+        return
     if not args.resume and (args.out / "accuracy.csv").exists():
         (args.out / "accuracy.csv").unlink()
     rows = run(args)
