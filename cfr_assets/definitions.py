@@ -29,7 +29,8 @@ assets = [
 
 
 def default_resources() -> dict:
-    """Resources from the environment: CFR_LANDING, CFR_DATASET_ROOT, CFR_STORE, CFR_REGISTRY_URL.
+    """Resources from the environment: CFR_LANDING, CFR_DATASET_ROOT, CFR_STORE, CFR_REGISTRY_URL,
+    CFR_DEVICE (cpu, cuda, cuda:N: where features are extracted and mappers trained).
 
     Unset, everything lives under DAGSTER_HOME, and the demo data (HOME/demo/data,
     written by `cfr demo`) is the labelled dataset when it exists.
@@ -40,7 +41,7 @@ def default_resources() -> dict:
             landing=os.environ.get("CFR_LANDING", ""),
             dataset_root=os.environ.get("CFR_DATASET_ROOT", str(demo) if demo.is_dir() else ""),
         ),
-        "settings": CFRModelSettings(),
+        "settings": CFRModelSettings(device=os.environ.get("CFR_DEVICE", "cpu")),
         "store": CFRStore(
             root=os.environ.get("CFR_STORE", ""),
             registry_url=os.environ.get("CFR_REGISTRY_URL", ""),

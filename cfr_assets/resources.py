@@ -61,6 +61,14 @@ class CFRModelSettings(dg.ConfigurableResource):
         0.02  # a new model may be this much worse (I-AUROC, AUPRO@30%) than the deployed one
     )
     quality_gate: bool = True
+    device: str = "cpu"  # feature extraction and mapper training: cpu, cuda, cuda:N
+
+    def build_extractors(self, cfg: FitConfig):
+        """The configuration's extractors, on ``device``."""
+        from cfr_core.engine.features import build_extractors
+        from cfr_core.engine.fit import on_device
+
+        return on_device(build_extractors(cfg.extractors), self.device)
 
     def fit_config(self, shots: int | None = None) -> FitConfig:
         ex = ExtractorConfig.preset(self.extractors, grid=self.grid)

@@ -13,7 +13,7 @@ from cfr_assets.pictures import gallery, loss_plot, png_markdown
 from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore
 from cfr_core.data.mvtec import index_category
 from cfr_core.data.prepare import prepare_sample
-from cfr_core.engine.features import FeatureCache, build_extractors, extract_features
+from cfr_core.engine.features import FeatureCache, extract_features
 from cfr_core.engine.fit import calibrate, evaluate, test_samples
 from cfr_core.io.artifacts import MODEL_JSON, load_model, model_from_parts, save_model, verify_model
 from cfr_core.scoring.overlay import overlay
@@ -82,7 +82,7 @@ def evaluation_report(
         },
         tensors,
     )
-    extractors = build_extractors(cfg.extractors)
+    extractors = settings.build_extractors(cfg)
     cache = FeatureCache(store.feature_cache())
     val, source = _calibration(data, store, category, {s["key"] for s in shots})
     broken = [k for k, t in model.tensors().items() if not torch.isfinite(t).all()]

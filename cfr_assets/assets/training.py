@@ -16,7 +16,7 @@ from cfr_assets.assets.shots import manifest_samples, normal_shots
 from cfr_assets.partitions import stage_asset
 from cfr_assets.pictures import loss_plot, png_markdown
 from cfr_assets.resources import CFRModelSettings, CFRStore
-from cfr_core.engine.features import FeatureCache, FeatureSet, build_extractors, extract_features
+from cfr_core.engine.features import FeatureCache, FeatureSet, extract_features
 from cfr_core.engine.fit import standardize
 from cfr_core.engine.normalize import FeatureNorm
 from cfr_core.engine.train import train_mappers, train_retriever
@@ -90,7 +90,7 @@ def shot_features(context: dg.AssetExecutionContext, settings: CFRModelSettings,
     )
     samples = manifest_samples(manifest)
     cfg = settings.fit_config(shots=len(samples))
-    extractors = build_extractors(cfg.extractors)
+    extractors = settings.build_extractors(cfg)
     feats = extract_features(
         samples, extractors, cfg.preprocess, FeatureCache(store.feature_cache())
     )
@@ -137,11 +137,7 @@ def crossmodal_mappers(
     tensors: dict[str, torch.Tensor] = dict(norm.tensors()) if norm else {}
     history: dict[str, list[float]] = {}
     if cfg.uses_mappers:
-        mappers, hist = train_mappers(
-            feats,
-            cfg.mappers,
-            _epoch_logger(context),
-        )
+        mappers, hist = train_mappers(feats, cfg.mappers, _epoch_logger(context), settings.device)
         tensors.update({f"mappers.{k}": v.contiguous() for k, v in mappers.state_dict().items()})
         history["mappers"] = hist.losses
 
