@@ -340,10 +340,8 @@ def job_search(size: int, dim: int, queries: int, device: str):
 def job_dagster(root: str, shots: int, epochs: int):
     import dagster as dg
 
-    from cfr_assets.checks import checks
-    from cfr_assets.definitions import assets
-    from cfr_assets.demo import fill_landing, prepare_home
-    from cfr_assets.partitions import CATEGORY_TAG, category_partitions
+    from cfr_assets.demo import fill_landing, materialize_category, prepare_home
+    from cfr_assets.partitions import category_partitions
     from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore
     from cfr_core.engine import build_extractors, evaluate, fit
     from cfr_core.io import save_model
@@ -371,15 +369,7 @@ def job_dagster(root: str, shots: int, epochs: int):
         with dg.DagsterInstance.get() as instance:
             instance.add_dynamic_partitions(category_partitions.name, [category])
             t0 = time.perf_counter()
-            result = dg.materialize(
-                [*assets, *checks],
-                partition_key=category,
-                instance=instance,
-                resources=resources,
-                tags={CATEGORY_TAG: category},
-                raise_on_error=False,
-                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-            )
+            result = materialize_category(category, instance, resources, "WARNING")
             pipeline = time.perf_counter() - t0
             steps = {}
             for event in result.all_events:

@@ -50,6 +50,21 @@ def fill_landing(data_root: Path, landing: Path, categories: list[str]) -> None:
             shutil.copyfile(s.xyz_path, target / f"{cat}_{s.stem}.tiff")
 
 
+def materialize_category(
+    category: str, instance: dg.DagsterInstance, resources: dict, log_level: str = "DEBUG"
+) -> dg.ExecuteInProcessResult:
+    """Every asset and check of one category partition, in process, tagged for the run queue."""
+    return dg.materialize(
+        [*assets, *checks],
+        partition_key=category,
+        instance=instance,
+        resources=resources,
+        tags={CATEGORY_TAG: category},
+        raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+    )
+
+
 def run_demo(
     home: Path,
     size: int = 256,
@@ -84,14 +99,7 @@ def run_demo(
         registry = resources["store"].registry()
         for cat in synth.categories:
             log(f"materializing every asset of {cat} ...")
-            result = dg.materialize(
-                [*assets, *checks],
-                partition_key=cat,
-                instance=instance,
-                resources=resources,
-                tags={CATEGORY_TAG: cat},
-                raise_on_error=False,
-            )
+            result = materialize_category(cat, instance, resources)
             record = registry.deployed(cat)
             metrics = (record.metrics or {}) if record else {}
             rows.append(
