@@ -763,7 +763,7 @@ def _plot(entries: list[dict], path: Path) -> None:
     ax.set_xlabel("milliseconds per sample (hatched: extractor floor)")
     ax.set_xlim(0, left.max() * 1.25)
     ax.invert_yaxis()
-    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    ax.legend(fontsize=7, ncol=2, loc="upper right")
     ax.set_title("Where the time goes per sample")
     fig.tight_layout()
     fig.savefig(path)
