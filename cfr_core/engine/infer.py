@@ -148,19 +148,19 @@ def _strided_map(
         values, n_rep = _pixel_values(model, rgb[:, fg].T, pts[:, fg].T, timer)
         out[fg] = values.float()
         return out, n_rep / max(1, int(fg.sum()))
-    cfg = fg[::s, ::s]
-    coarse = torch.zeros(cfg.shape, dtype=torch.float32, device=fg.device)
+    sampled = fg[::s, ::s]
+    coarse = torch.zeros(sampled.shape, dtype=torch.float32, device=fg.device)
     values, n_rep = _pixel_values(
-        model, rgb[:, ::s, ::s][:, cfg].T, pts[:, ::s, ::s][:, cfg].T, timer
+        model, rgb[:, ::s, ::s][:, sampled].T, pts[:, ::s, ::s][:, sampled].T, timer
     )
-    coarse[cfg] = values.float()
+    coarse[sampled] = values.float()
     with timer("scoring"):
-        weight = upsample_samples(cfg.float(), s, size)
+        weight = upsample_samples(sampled.float(), s, size)
         num = upsample_samples(coarse, s, size)
         covered = fg & (weight > 1e-6)
         out[covered] = num[covered] / weight[covered]
     orphans = fg & ~covered
-    n_queries = int(cfg.sum())
+    n_queries = int(sampled.sum())
     if orphans.any():
         extra, n_extra = _pixel_values(model, rgb[:, orphans].T, pts[:, orphans].T, timer)
         out[orphans] = extra.float()
