@@ -40,6 +40,14 @@ def _extractor_config(
     return cfg
 
 
+_device_option = click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where features are extracted (and, for fit, the mappers trained): cpu, cuda, cuda:N.",
+)
+
+
 def _training_progress(stage: str, epoch: int, epochs: int, loss: float) -> None:
     if epoch == epochs or epoch % max(1, epochs // 10) == 0:
         click.echo(f"  {stage}: epoch {epoch}/{epochs}  loss {loss:.4f}", err=True)
@@ -116,12 +124,7 @@ def load_checked(model_dir: Path):
     "--out", required=True, type=click.Path(path_type=Path), help="Model folder to write."
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option(
-    "--device",
-    default="cpu",
-    show_default=True,
-    help="Where features are extracted (and, for fit, the mappers trained): cpu, cuda, cuda:N.",
-)
+@_device_option
 @_fail_cleanly
 def fit_cmd(
     root,
@@ -200,12 +203,7 @@ def fit_cmd(
     help="Save anomaly-map overlays (PNG) here.",
 )
 @click.option("--cache", type=click.Path(path_type=Path), help="Feature cache folder.")
-@click.option(
-    "--device",
-    default="cpu",
-    show_default=True,
-    help="Where features are extracted (and, for fit, the mappers trained): cpu, cuda, cuda:N.",
-)
+@_device_option
 @_fail_cleanly
 def evaluate_cmd(model_dir, root, json_out, maps_dir, cache, device):
     """Score every test sample of the model's category and report the metrics."""
