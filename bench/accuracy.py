@@ -116,6 +116,12 @@ def run(args) -> list[dict]:
         )
 
     theta_default = str(base.scoring.theta)
+
+    def evaluated(method, fitted, key, fit_s, theta=theta_default):
+        cat, shots, seed = key
+        ev = evaluate(fitted, data, cache, extractors)
+        record(row(method, cat, shots, seed, theta, ev, fit_s))
+
     for seed in args.seeds:
         for shots in args.shots:
             for cat in cats:
@@ -127,38 +133,17 @@ def run(args) -> list[dict]:
                 model = fit(data, cat, cfg, cache, extractors)
                 fit_s = time.perf_counter() - t0
                 for method in FAMILY:
-                    record(
-                        row(
-                            method,
-                            cat,
-                            shots,
-                            seed,
-                            theta_default,
-                            evaluate(variant(model, method), data, cache, extractors),
-                            fit_s,
-                        )
-                    )
+                    evaluated(method, variant(model, method), key, fit_s)
                 for theta in args.thetas:
                     if str(theta) != theta_default:
-                        ev = evaluate(variant(model, "cfr", theta), data, cache, extractors)
-                        record(row("cfr", cat, shots, seed, str(theta), ev, fit_s))
+                        evaluated("cfr", variant(model, "cfr", theta), key, fit_s, str(theta))
                 for method in ("cfm", "btf"):
                     t0 = time.perf_counter()
                     cfg = FitConfig.for_method(method, shots=shots, fewshot_seed=seed)
                     cfg = replace(cfg, mappers=replace(cfg.mappers, epochs=args.epochs))
                     m = fit(data, cat, cfg, cache, extractors)
                     fit_s = time.perf_counter() - t0
-                    record(
-                        row(
-                            method,
-                            cat,
-                            shots,
-                            seed,
-                            theta_default,
-                            evaluate(m, data, cache, extractors),
-                            fit_s,
-                        )
-                    )
+                    evaluated(method, m, key, fit_s)
     return rows
 
 
