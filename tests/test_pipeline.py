@@ -15,8 +15,8 @@ import dagster as dg
 import pytest
 from click.testing import CliRunner
 
-from cfr_assets.checks import checks
-from cfr_assets.definitions import assets, defs
+from cfr_assets.definitions import defs
+from cfr_assets.demo import materialize_category
 from cfr_assets.partitions import CATEGORY_TAG, category_partitions
 from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore
 from cfr_assets.schedules import weekly_refit
@@ -129,14 +129,7 @@ def test_blocking_check_stops_deployment(home):
     before = registry.deployed("dome").version
     with dg.DagsterInstance.from_config(str(home)) as instance:
         # a new model must beat the deployed one by 1.0 AUROC: impossible, so the check fails
-        result = dg.materialize(
-            [*assets, *checks],
-            partition_key="dome",
-            instance=instance,
-            resources=resources(home, tolerance=-1.0),
-            raise_on_error=False,
-            tags={CATEGORY_TAG: "dome"},
-        )
+        result = materialize_category("dome", instance, resources(home, tolerance=-1.0))
     assert not result.success
     evals = [e for e in result.get_asset_check_evaluations() if e.check_name == "no_regression"]
     assert len(evals) == 1 and not evals[0].passed
@@ -165,14 +158,7 @@ def test_nan_weights_are_blocked(home, monkeypatch):
     registry = BankRegistry(f"sqlite:///{home / 'registry.db'}")
     before = registry.deployed("ribbed").version
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        result = dg.materialize(
-            [*assets, *checks],
-            partition_key="ribbed",
-            instance=instance,
-            resources=resources(home),
-            raise_on_error=False,
-            tags={CATEGORY_TAG: "ribbed"},
-        )
+        result = materialize_category("ribbed", instance, resources(home))
     finite = [e for e in result.get_asset_check_evaluations() if e.check_name == "finite_weights"]
     assert (
         finite
@@ -392,14 +378,7 @@ def test_run_failing_half_way_keeps_the_deployment_and_leaves_no_partial_artifac
 
     monkeypatch.setattr(evaluation, "save_model", crash)
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        result = dg.materialize(
-            [*assets, *checks],
-            partition_key="ribbed",
-            instance=instance,
-            resources=resources(home),
-            raise_on_error=False,
-            tags={CATEGORY_TAG: "ribbed"},
-        )
+        result = materialize_category("ribbed", instance, resources(home))
     assert not result.success
     assert registry.deployed("ribbed") == before and audit(before).ok
     assert store.stage_pointer("ribbed", "evaluation_report").read_text() == pointer
