@@ -23,6 +23,7 @@ METHODS: dict[str, str] = {
     "btf": "retrieval only: nearest-neighbour distance in a coreset of concatenated RGB+3D features",
 }
 EXTRACTOR_PRESETS: dict[str, tuple[str, str]] = {
+    "lite": ("efficientnet_lite", "fpfh"),
     "offline": ("color_texture", "fpfh"),
     "paper": ("dino_vit", "point_mae"),
 }

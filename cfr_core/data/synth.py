@@ -16,9 +16,23 @@ Categories (see :data:`CATEGORIES`):
   modality alone still looks normal, only their disagreement is a defect.
   Rendered 3:4 (non-square), like MVTec's tire.
 
+Four more categories, of the same three kinds, keep the benchmark honest: every
+default is chosen on the *development* categories (:data:`DEV_CATEGORIES`) and
+only measured on the *report* categories (:data:`REPORT_CATEGORIES`):
+
+* ``knob``     — one-to-many across samples (development): a knurled knob made in
+  three finishes (anodised blue, turned steel with concentric marks, matte black rubber).
+* ``capsule``  — one-to-many across samples (report): a two-part capsule whose two
+  colours come in three combinations.
+* ``checker``  — one-to-many within a sample (report): a flat tile printed with a
+  checkerboard whose phase varies from part to part.
+* ``studded``  — crossmodal (report): a plate with raised studs, each with a dark
+  painted top. ``bare`` (a stud without its paint) and ``ghost`` (paint without a
+  stud) are defects only in the agreement of the two modalities.
+
 Defects: ``stain`` (RGB only), ``dent`` (3D only: the colour image is taken
-under diffuse light, so shallow dents do not show), ``crack`` (both), and
-``mismatch`` (ribbed only, crossmodal).
+under diffuse light, so shallow dents do not show), ``crack`` (both), and the
+crossmodal ``mismatch`` (ribbed), ``bare`` and ``ghost`` (studded).
 
 Everything is deterministic per seed: each sample draws from its own
 generator seeded by (seed, category, split, index), so a sample does not change
@@ -41,7 +55,7 @@ from cfr_core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "synth-1"
+GENERATOR_VERSION = "synth-2"
 SCENE_SPAN_M = 0.10  # the long image side covers 10 cm of table
 SENSOR_DISTANCE_M = 0.55
 
@@ -50,14 +64,47 @@ CATEGORIES: dict[str, str] = {
     "candy": "one-to-many across samples: same shape in four colours",
     "speckled": "one-to-many within a sample: chips printed at varying places on flat geometry",
     "ribbed": "crossmodal agreement: paint must sit on the ribs (3:4 image)",
+    "knob": "one-to-many across samples: a knurled knob in three finishes",
+    "capsule": "one-to-many across samples: a two-part capsule in three colour pairs",
+    "checker": "one-to-many within a sample: a checkerboard print whose phase varies",
+    "studded": "crossmodal agreement: every raised stud carries a dark painted top",
 }
+#: what each category tests: control, one-to-many across / within samples, crossmodal
+KINDS: dict[str, str] = {
+    "dome": "control",
+    "candy": "across",
+    "speckled": "within",
+    "ribbed": "crossmodal",
+    "knob": "across",
+    "capsule": "across",
+    "checker": "within",
+    "studded": "crossmodal",
+}
+ONE_TO_MANY_KINDS = ("across", "within")
+#: the demo's categories (and `cfr data synth`'s default)
+DEMO_CATEGORIES = ("dome", "candy", "speckled", "ribbed")
+#: every default is chosen on these ...
+DEV_CATEGORIES = ("dome", "candy", "speckled", "ribbed", "knob")
+#: ... and only measured on these
+REPORT_CATEGORIES = ("capsule", "checker", "studded")
 DEFECTS: dict[str, tuple[str, ...]] = {
     "dome": ("stain", "dent", "crack"),
     "candy": ("stain", "dent", "crack"),
     "speckled": ("stain", "dent", "crack"),
     "ribbed": ("stain", "dent", "crack", "mismatch"),
+    "knob": ("stain", "dent", "crack"),
+    "capsule": ("stain", "dent", "crack"),
+    "checker": ("stain", "dent", "crack"),
+    "studded": ("stain", "dent", "crack", "bare", "ghost"),
 }
-DEFECT_MODALITY = {"stain": "rgb", "dent": "3d", "crack": "both", "mismatch": "crossmodal"}
+DEFECT_MODALITY = {
+    "stain": "rgb",
+    "dent": "3d",
+    "crack": "both",
+    "mismatch": "crossmodal",
+    "bare": "crossmodal",
+    "ghost": "crossmodal",
+}
 _SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 _CANDY_COLOURS = np.array(
     [[0.85, 0.12, 0.10], [0.22, 0.68, 0.16], [0.95, 0.80, 0.12], [0.97, 0.50, 0.08]]
@@ -67,14 +114,27 @@ _STAIN_COLOURS = {
     "candy": (0.28, 0.25, 0.72),
     "speckled": (0.36, 0.52, 0.30),
     "ribbed": (0.72, 0.36, 0.12),
+    "knob": (0.74, 0.58, 0.22),
+    "capsule": (0.33, 0.24, 0.15),
+    "checker": (0.55, 0.25, 0.60),
+    "studded": (0.25, 0.35, 0.62),
 }
+_KNOB_FINISHES = ("anodised", "turned", "rubber")
+_CAPSULE_COLOURS = (
+    ((0.86, 0.16, 0.12), (0.93, 0.91, 0.86)),
+    ((0.16, 0.30, 0.80), (0.95, 0.80, 0.16)),
+    ((0.10, 0.52, 0.30), (0.62, 0.86, 0.56)),
+)
+_STUD_PAINT = (0.46, 0.08, 0.08)
+_STUD_PLATE = (0.70, 0.75, 0.70)
+_STUD_RADIUS = 0.0028
 
 
 @dataclass(frozen=True)
 class SynthConfig:
     """What to generate. ``size`` is the long image side in pixels."""
 
-    categories: tuple[str, ...] = tuple(CATEGORIES)
+    categories: tuple[str, ...] = DEMO_CATEGORIES
     seed: int = 0
     size: int = 256
     n_train: int = 8
@@ -243,11 +303,109 @@ def _part_ribbed(f: _Frame, rng: np.random.Generator):
     return height, albedo, foot, {"rib_centres": centres}
 
 
+def _part_knob(f: _Frame, rng: np.random.Generator):
+    radius = 0.028
+    r_m = np.hypot(f.u, f.v)
+    r = r_m / radius
+    foot = r < 1.0
+    angle = np.arctan2(f.v, f.u)
+    knurl = 0.5 + 0.5 * np.cos(36 * angle)
+    rim = _smoothstep((r - 0.78) / 0.06)
+    height = (0.009 + 0.002 * np.clip(1.0 - r**2, 0, 1) + 0.0007 * knurl * rim) * _smoothstep(
+        (1.0 - r) / 0.05
+    )
+    notch = (np.abs(f.v) < 0.0009) & (f.u > 0.004) & (f.u < 0.018)  # the pointer groove
+    height = height - 0.0012 * notch
+    finish = int(rng.integers(len(_KNOB_FINISHES)))
+    albedo = np.empty((f.h, f.w, 3))
+    if _KNOB_FINISHES[finish] == "anodised":
+        albedo[:] = (0.20, 0.36, 0.78)
+        albedo *= _texture(rng, (f.h, f.w), 0.015, 0.03)[..., None]
+    elif _KNOB_FINISHES[finish] == "turned":  # concentric marks of the lathe
+        rings = ndimage.gaussian_filter1d(rng.standard_normal(4096), 1.2)
+        rings /= rings.std() + 1e-12
+        marks = np.interp(r_m / f.pitch * 3.0, np.arange(4096), rings)
+        albedo[:] = (0.64, 0.65, 0.67)
+        albedo *= (1.0 + 0.09 * marks)[..., None] * _texture(rng, (f.h, f.w), 0.01, 0.02)[..., None]
+    else:
+        albedo[:] = (0.13, 0.13, 0.14)
+        albedo *= _texture(rng, (f.h, f.w), 0.08, 0.03)[..., None]
+    return height, albedo, foot, {"finish": _KNOB_FINISHES[finish]}
+
+
+def _part_capsule(f: _Frame, rng: np.random.Generator):
+    half, radius = 0.016, 0.011
+    dx = np.maximum(np.abs(f.u) - half, 0.0)
+    d = np.hypot(dx, f.v) / radius
+    foot = d < 1.0
+    seam = 0.002
+    groove = _smoothstep(1.0 - np.abs(f.u - seam) / 0.0006)
+    height = (0.002 + 0.010 * np.sqrt(np.clip(1.0 - d**2, 0, 1)) - 0.0005 * groove) * (
+        _smoothstep((1.0 - d) / 0.08)
+    )
+    pair = int(rng.integers(len(_CAPSULE_COLOURS)))
+    cap, body = (np.asarray(c) for c in _CAPSULE_COLOURS[pair])
+    albedo = np.where((f.u < seam)[..., None], cap, body)
+    albedo = albedo * _texture(rng, (f.h, f.w), 0.015, 0.03)[..., None]
+    return height, albedo, foot, {"colours": pair}
+
+
+def _plate(f: _Frame, half_u: float, half_v: float) -> tuple[np.ndarray, np.ndarray]:
+    """(footprint, 0..1 plate profile with softened edges) of a rectangular plate."""
+    edge = np.minimum(half_u - np.abs(f.u), half_v - np.abs(f.v))
+    return edge > 0, _smoothstep(edge / 0.0015)
+
+
+def _part_checker(f: _Frame, rng: np.random.Generator):
+    foot, plate = _plate(f, 0.031, 0.031)
+    period = 0.008
+    du, dv = rng.uniform(0.0, 2 * period, size=2)
+    wave = np.sin(np.pi * (f.u - du) / period) * np.sin(np.pi * (f.v - dv) / period)
+    dark = _smoothstep(0.5 + wave / 0.3)  # soft print edges
+    light, ink = np.asarray((0.86, 0.84, 0.78)), np.asarray((0.20, 0.23, 0.33))
+    albedo = light + (ink - light) * dark[..., None]
+    albedo *= _texture(rng, (f.h, f.w), 0.02, 0.03)[..., None]
+    height = 0.006 * plate + 0.00015 * _smooth_noise(rng, (f.h, f.w), 3.0) * foot
+    return height, albedo, foot, {"phase": [float(du), float(dv)]}
+
+
+def _stud_cap(f: _Frame, cu: float, cv: float, radius: float = _STUD_RADIUS) -> np.ndarray:
+    d = np.hypot(f.u - cu, f.v - cv) / radius
+    return np.sqrt(np.clip(1.0 - d**2, 0.0, 1.0))
+
+
+def _part_studded(f: _Frame, rng: np.random.Generator):
+    half_u, half_v = 0.034, 0.025
+    foot, plate = _plate(f, half_u, half_v)
+    n = int(rng.integers(4, 8))
+    studs: list[tuple[float, float]] = []
+    while len(studs) < n:
+        c = (
+            rng.uniform(-half_u + 0.006, half_u - 0.006),
+            rng.uniform(-half_v + 0.006, half_v - 0.006),
+        )
+        if all(np.hypot(c[0] - o[0], c[1] - o[1]) > 0.010 for o in studs):
+            studs.append(c)
+    height = 0.005 * plate
+    albedo = np.empty((f.h, f.w, 3))
+    albedo[:] = _STUD_PLATE
+    for cu, cv in studs:
+        cap = _stud_cap(f, cu, cv)
+        height = height + 0.0022 * cap
+        albedo[cap > 0.35] = _STUD_PAINT
+    albedo *= _texture(rng, (f.h, f.w), 0.02, 0.03)[..., None]
+    return height, albedo, foot, {"studs": [[float(a), float(b)] for a, b in studs]}
+
+
 _PARTS: dict[str, Callable] = {
     "dome": _part_dome,
     "candy": _part_candy,
     "speckled": _part_speckled,
     "ribbed": _part_ribbed,
+    "knob": _part_knob,
+    "capsule": _part_capsule,
+    "checker": _part_checker,
+    "studded": _part_studded,
 }
 
 
@@ -323,6 +481,26 @@ def _apply_defect(kind, category, f, height, albedo, foot, extras, rng):
         albedo[unpainted] = base * shade[unpainted, None]
         albedo[band] = paint * shade[band, None]
         return unpainted | band, shading_height
+    if kind == "bare":  # one stud lost its paint: the geometry alone looks normal
+        cu, cv = extras["studs"][int(rng.integers(len(extras["studs"])))]
+        region = (_stud_cap(f, cu, cv) > 0.35) & foot
+        albedo[region] = (
+            np.asarray(_STUD_PLATE) * _texture(rng, (f.h, f.w), 0.02, 0.0)[region, None]
+        )
+        return region, shading_height
+    if kind == "ghost":  # paint where there is no stud: the colour alone looks normal
+        for _ in range(200):
+            r0, c0 = _defect_site(f, foot, rng, int(0.006 / px))
+            cu, cv = f.u[r0, c0], f.v[r0, c0]
+            if all(np.hypot(cu - a, cv - b) > 0.008 for a, b in extras["studs"]):
+                break
+        else:
+            raise DataError("no free place on the plate for a ghost paint spot")
+        region = (_stud_cap(f, cu, cv) > 0.35) & foot
+        albedo[region] = (
+            np.asarray(_STUD_PAINT) * _texture(rng, (f.h, f.w), 0.02, 0.0)[region, None]
+        )
+        return region, shading_height
     raise ConfigError(f"unknown defect {kind!r}")
 
 
@@ -469,7 +647,12 @@ def generate(
             "generator": GENERATOR_VERSION,
             "config": {**asdict(cfg), "categories": list(cfg.categories)},
             "categories": {
-                c: {"about": CATEGORIES[c], "defects": {d: DEFECT_MODALITY[d] for d in DEFECTS[c]}}
+                c: {
+                    "about": CATEGORIES[c],
+                    "kind": KINDS[c],
+                    "split": "development" if c in DEV_CATEGORIES else "report",
+                    "defects": {d: DEFECT_MODALITY[d] for d in DEFECTS[c]},
+                }
                 for c in cfg.categories
             },
         }

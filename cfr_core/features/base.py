@@ -100,4 +100,4 @@ def file_sha256(path: str | Path) -> str:
 
 def _load_builtin() -> None:
     # importing the modules registers their extractors
-    from cfr_core.features import dino, offline, point_mae  # noqa: F401
+    from cfr_core.features import dino, efficientnet, offline, point_mae  # noqa: F401
