@@ -275,6 +275,26 @@ def _part_speckled(f: _Frame, rng: np.random.Generator):
     return height, albedo, foot, {"n_chips": n_chips}
 
 
+def _place(n: int, draw: Callable, apart: Callable, attempts: int = 2000) -> list:
+    """``n`` draws that are pairwise ``apart``, by rejection sampling.
+
+    Sequential placement can jam (no room is left for the last one); after
+    ``attempts`` rejected draws it starts over, so it always ends and a draw
+    sequence that never jams gives the same result as plain rejection.
+    """
+    placed: list = []
+    rejected = 0
+    while len(placed) < n:
+        c = draw()
+        if all(apart(c, o) for o in placed):
+            placed.append(c)
+        else:
+            rejected += 1
+            if rejected >= attempts:
+                placed, rejected = [], 0
+    return placed
+
+
 def _rib_profile(u: np.ndarray, centre: float, half_width: float = 0.0028) -> np.ndarray:
     return _smoothstep((half_width - np.abs(u - centre)) / 0.0012)
 
@@ -285,11 +305,11 @@ def _part_ribbed(f: _Frame, rng: np.random.Generator):
     foot = edge > 0
     plate = _smoothstep(edge / 0.0015)
     n_ribs = int(rng.integers(3, 6))
-    centres: list[float] = []
-    while len(centres) < n_ribs:
-        c = rng.uniform(-half_u + 0.006, half_u - 0.006)
-        if all(abs(c - o) > 0.009 for o in centres):
-            centres.append(c)
+    centres = _place(
+        n_ribs,
+        lambda: rng.uniform(-half_u + 0.006, half_u - 0.006),
+        lambda c, o: abs(c - o) > 0.009,
+    )
     ribs = np.zeros((f.h, f.w))
     for c in centres:
         ribs = np.maximum(ribs, _rib_profile(f.u, c))
@@ -377,15 +397,14 @@ def _stud_cap(f: _Frame, cu: float, cv: float, radius: float = _STUD_RADIUS) -> 
 def _part_studded(f: _Frame, rng: np.random.Generator):
     half_u, half_v = 0.034, 0.025
     foot, plate = _plate(f, half_u, half_v)
-    n = int(rng.integers(4, 8))
-    studs: list[tuple[float, float]] = []
-    while len(studs) < n:
-        c = (
+    studs = _place(
+        int(rng.integers(4, 8)),
+        lambda: (
             rng.uniform(-half_u + 0.006, half_u - 0.006),
             rng.uniform(-half_v + 0.006, half_v - 0.006),
-        )
-        if all(np.hypot(c[0] - o[0], c[1] - o[1]) > 0.010 for o in studs):
-            studs.append(c)
+        ),
+        lambda c, o: np.hypot(c[0] - o[0], c[1] - o[1]) > 0.010,
+    )
     height = 0.005 * plate
     albedo = np.empty((f.h, f.w, 3))
     albedo[:] = _STUD_PLATE
