@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from cfr_core.engine.features import FeatureSet
 from cfr_core.engine.model import FittedModel
 from cfr_core.engine.timing import NO_TIMER, StageTimer
-from cfr_core.errors import ShapeMismatchError
+from cfr_core.errors import ConfigError, ShapeMismatchError
 from cfr_core.memory.bank import joint_features
 from cfr_core.memory.search import any_similar, nearest_distance, topk_cosine
 from cfr_core.scoring.maps import box_blur, discrepancy, image_scores
@@ -34,6 +34,15 @@ def plausibility(pred_rgb: torch.Tensor, rgb_bank: torch.Tensor) -> torch.Tensor
     """d = 1 - max cosine similarity of each reconstructed RGB feature to the RGB bank (N,)."""
     sims, _ = topk_cosine(pred_rgb, rgb_bank, 1)
     return 1.0 - sims[:, 0]
+
+
+def replacement_theta(model: FittedModel) -> float:
+    """θ in force: the model's fitted θ, else the config's number."""
+    if model.theta is not None:
+        return model.theta
+    if model.config.scoring.theta == "auto":
+        raise ConfigError("the model's θ was never calibrated; refit it")
+    return float(model.config.scoring.theta)
 
 
 def _above(x: float) -> float:
@@ -56,7 +65,7 @@ def replace_unreliable(
     banks = model.banks
     with timer("bank search"):
         # d = 1 - max cos >= theta  <=>  no bank row with cos > 1 - theta
-        unreliable = ~any_similar(p_rgb, banks.rgb, _above(1.0 - model.config.scoring.theta))
+        unreliable = ~any_similar(p_rgb, banks.rgb, _above(1.0 - replacement_theta(model)))
         n = int(unreliable.sum())
     if n == 0:
         return p_rgb, 0
@@ -101,10 +110,11 @@ def _check_dims(model: FittedModel, features: FeatureSet) -> None:
         )
 
 
-def _pixel_values(
-    model: FittedModel, f_rgb: torch.Tensor, f_3d: torch.Tensor, timer: StageTimer
+def pixel_values(
+    model: FittedModel, f_rgb: torch.Tensor, f_3d: torch.Tensor, timer: StageTimer | None = None
 ) -> tuple[torch.Tensor, int]:
     """Anomaly values (N,) of N foreground pixels' features, and how many were replaced."""
+    timer = timer or NO_TIMER
     if model.config.method == "btf":
         with timer("bank search"):
             return nearest_distance(joint_features(f_rgb, f_3d), model.joint_bank), 0
@@ -145,12 +155,12 @@ def _strided_map(
     s, size = model.config.scoring.stride, fg.shape[-1]
     out = torch.zeros(fg.shape, dtype=torch.float32, device=fg.device)
     if s == 1:
-        values, n_rep = _pixel_values(model, rgb[:, fg].T, pts[:, fg].T, timer)
+        values, n_rep = pixel_values(model, rgb[:, fg].T, pts[:, fg].T, timer)
         out[fg] = values.float()
         return out, n_rep / max(1, int(fg.sum()))
     sampled = fg[::s, ::s]
     coarse = torch.zeros(sampled.shape, dtype=torch.float32, device=fg.device)
-    values, n_rep = _pixel_values(
+    values, n_rep = pixel_values(
         model, rgb[:, ::s, ::s][:, sampled].T, pts[:, ::s, ::s][:, sampled].T, timer
     )
     coarse[sampled] = values.float()
@@ -162,7 +172,7 @@ def _strided_map(
     orphans = fg & ~covered
     n_queries = int(sampled.sum())
     if orphans.any():
-        extra, n_extra = _pixel_values(model, rgb[:, orphans].T, pts[:, orphans].T, timer)
+        extra, n_extra = pixel_values(model, rgb[:, orphans].T, pts[:, orphans].T, timer)
         out[orphans] = extra.float()
         n_rep, n_queries = n_rep + n_extra, n_queries + int(orphans.sum())
     return out, n_rep / max(1, n_queries)
