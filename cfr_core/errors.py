@@ -37,6 +37,10 @@ class ShapeMismatchError(DataError):
     """Arrays that must agree in shape do not (RGB vs xyz vs mask, maps vs masks)."""
 
 
+class UnsafePathError(DataError):
+    """A name or path from a user or a file that would leave its root, or a symbolic link."""
+
+
 class ConfigError(CFRError, ValueError):
     """An invalid configuration value."""
 

@@ -22,6 +22,44 @@ from PIL import Image, UnidentifiedImageError
 from cfr_core.errors import DataError
 
 _HASH_CHUNK = 1 << 20
+#: largest image / point cloud (pixels) any reader decodes; CFR_MAX_PIXELS overrides it
+DEFAULT_MAX_PIXELS = 40_000_000
+#: smallest side (pixels) of a usable scan: preprocessing fits the table plane on
+#: 10-pixel border strips, which needs an interior
+MIN_SCAN_SIDE = 32
+
+
+def max_pixels() -> int:
+    """The pixel cap: ``CFR_MAX_PIXELS`` or :data:`DEFAULT_MAX_PIXELS` (40 M, e.g. 6300×6300)."""
+    raw = os.environ.get("CFR_MAX_PIXELS", "")
+    try:
+        value = int(raw) if raw else DEFAULT_MAX_PIXELS
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise DataError(f"CFR_MAX_PIXELS={raw!r} is not a positive whole number of pixels")
+    return value
+
+
+def check_pixels(width: int, height: int, path: str | Path, what: str) -> None:
+    """Refuse a header that announces more pixels than the cap, before decoding anything."""
+    cap = max_pixels()
+    if width * height > cap:
+        raise DataError(
+            f"{what} is {width}×{height} = {width * height:,} pixels, above the limit of {cap:,}",
+            path,
+            "scans are far smaller; if this one is real, raise CFR_MAX_PIXELS",
+        )
+
+
+def check_scan_size(height: int, width: int, path: str | Path | None) -> None:
+    """The minimum scan size that fitting, scoring and `cfr data check` all apply."""
+    if min(height, width) < MIN_SCAN_SIDE:
+        raise DataError(
+            f"scan is {width}×{height} pixels; at least {MIN_SCAN_SIDE}×{MIN_SCAN_SIDE} is needed",
+            path,
+            "export the full-resolution scan",
+        )
 
 
 def sha256_file(path: str | Path) -> str:
@@ -104,8 +142,11 @@ def load_image(path: str | Path, what: str, fix: str) -> Image.Image:
     _require_file(path, what)
     try:
         with Image.open(path) as img:
+            check_pixels(img.width, img.height, path, what)  # from the header, before decoding
             img.load()
             return img.copy()
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{what} is a decompression bomb ({exc})", path, fix) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{what} does not decode ({exc})", path, fix) from exc
 
@@ -144,7 +185,13 @@ def read_xyz(path: str | Path) -> np.ndarray:
     path = Path(path)
     _require_file(path, "point cloud")
     try:
-        arr = tifffile.imread(path)
+        with tifffile.TiffFile(path) as tif:
+            shape = tif.series[0].shape if tif.series else ()
+            if len(shape) >= 2:  # from the header, before decoding
+                check_pixels(int(shape[1]), int(shape[0]), path, "point cloud")
+            arr = tif.asarray()
+    except DataError:
+        raise
     except Exception as exc:  # tifffile raises many unrelated types on corrupt input
         raise DataError(
             f"point cloud TIFF does not decode ({type(exc).__name__}: {exc})",

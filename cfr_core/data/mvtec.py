@@ -13,7 +13,6 @@ under ``test/``.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,18 +20,13 @@ import numpy as np
 
 from cfr_core.data.io import read_mask, read_rgb, read_xyz
 from cfr_core.errors import DatasetLayoutError, EmptyCategoryError, ShapeMismatchError
+from cfr_core.paths import check_name, is_safe_name, refuse_symlink
 
 SPLITS = ("train", "validation", "test")
 GOOD = "good"
 RGB_SUFFIXES = (".png",)
 XYZ_SUFFIXES = (".tiff", ".tif")
 MASK_SUFFIXES = (".png",)
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def is_safe_name(name: str) -> bool:
-    """A folder or file stem we accept: letters, digits, '.', '_', '-', no leading dot."""
-    return bool(_SAFE_NAME.match(name)) and ".." not in name
 
 
 @dataclass(frozen=True)
@@ -150,11 +144,17 @@ def _files_by_stem(
     folder: Path, suffixes: tuple[str, ...], issues: list[LayoutIssue]
 ) -> dict[str, Path]:
     out: dict[str, Path] = {}
+    if folder.is_symlink():
+        issues.append(LayoutIssue(folder, "symbolic link refused (copy the folder itself in)"))
+        return out
     if not folder.is_dir():
         return out
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue  # hidden files (editor swap files, our own temp files)
+        if path.is_symlink():
+            issues.append(LayoutIssue(path, "symbolic link refused (copy the file itself in)"))
+            continue
         if path.suffix.lower() not in suffixes or not path.is_file():
             issues.append(
                 LayoutIssue(
@@ -211,7 +211,8 @@ def index_category(root: str | Path, category: str) -> CategoryIndex:
     Raises :class:`DatasetLayoutError` only when the category folder itself is missing.
     """
     root = Path(root)
-    cat_dir = root / category
+    cat_dir = root / check_name(category)
+    refuse_symlink(cat_dir, "category folder")
     if not cat_dir.is_dir():
         raise DatasetLayoutError(
             f"category {category!r} not found",
@@ -221,6 +222,9 @@ def index_category(root: str | Path, category: str) -> CategoryIndex:
     index = CategoryIndex(root=root, category=category)
     for split in SPLITS:
         split_dir = cat_dir / split
+        if split_dir.is_symlink():
+            index.issues.append(LayoutIssue(split_dir, "symbolic link refused"))
+            continue
         if not split_dir.is_dir():
             if split != "validation":
                 index.issues.append(LayoutIssue(split_dir, f"missing {split}/ folder"))
@@ -232,6 +236,9 @@ def index_category(root: str | Path, category: str) -> CategoryIndex:
         for defect in defects:
             if not is_safe_name(defect):
                 index.issues.append(LayoutIssue(split_dir / defect, "unsafe folder name"))
+                continue
+            if (split_dir / defect).is_symlink():
+                index.issues.append(LayoutIssue(split_dir / defect, "symbolic link refused"))
                 continue
             if split != "test" and defect != GOOD:
                 index.issues.append(

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cfr_core.data.io import check_scan_size
 from cfr_core.data.mvtec import Sample
 from cfr_core.data.pointcloud import PreprocessConfig, pad_to_square, preprocess
 from cfr_core.errors import DataError
@@ -35,6 +36,7 @@ def prepare_arrays(
     key: str = "",
 ) -> PreparedScan:
     cfg = config or PreprocessConfig()
+    check_scan_size(*xyz.shape[:2], None)
     result = preprocess(xyz, rgb, cfg)
     if mask is None:
         padded_mask = np.zeros(result.xyz.shape[:2], dtype=bool)

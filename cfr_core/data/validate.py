@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cfr_core.data.io import read_mask, read_rgb, read_xyz
+from cfr_core.data.io import check_scan_size, read_mask, read_rgb, read_xyz
 from cfr_core.data.mvtec import GOOD, Sample, index_category, list_categories
 from cfr_core.data.pointcloud import valid_mask
 from cfr_core.errors import DataError
@@ -95,6 +95,10 @@ def check_sample(
     mask = _load(read_mask, sample.gt_path, problems) if sample.gt_path is not None else None
     if xyz is not None:
         problems += check_xyz_values(xyz, sample.xyz_path, min_valid_fraction)
+        try:
+            check_scan_size(*xyz.shape[:2], sample.xyz_path)
+        except DataError as exc:
+            problems.append(Problem(sample.xyz_path, ERROR, exc.reason))
     if rgb is not None and xyz is not None and rgb.shape[:2] != xyz.shape[:2]:
         problems.append(
             Problem(
