@@ -1,16 +1,35 @@
-"""The bank registry: one SQL row per deployment, and which one is live per category.
+"""The bank registry: one SQL row per deployed version, tamper-evident, plus per-category locks.
 
-SQLAlchemy, so any URL works: SQLite under DAGSTER_HOME by default
+SQLAlchemy, so any URL works for the rows: SQLite under DAGSTER_HOME by default
 (``sqlite:///dagster_home/registry.db``), Postgres in production
-(``postgresql+psycopg2://user:pw@host/db``). Exactly one row per category is
-``deployed``; a rollback moves that flag to an earlier version in one
-transaction, so the line never sees zero or two live banks.
+(``postgresql+psycopg2://user:pw@host/db``).
+
+* **Versions** (``cfr_deployments``) are appended, never edited: each row stores
+  the sha256 of its own content chained to the previous row's hash, so an edit
+  of any column of any row breaks the chain (:meth:`BankRegistry.verify`).
+* **Which version is live** is an append-only, equally chained log of deploy and
+  rollback events (``cfr_deploy_events``); the ``deployed`` flag on the rows is a
+  query shortcut that :meth:`~BankRegistry.verify` checks against the log. A
+  rollback moves the flag and appends its event in one transaction, so the line
+  never sees zero or two live banks.
+* **Chain heads** (``cfr_chain_heads``) are advanced with a compare-and-set in
+  the same transaction as the append, so two writers never fork a chain.
+* **Category locks** serialise rebuilds of one category across processes and
+  machines: a PostgreSQL session advisory lock, or an ``flock`` on a file next to
+  a SQLite database. Both vanish with the process that holds them, so a killed
+  run never blocks its category.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import hashlib
 import json
+import os
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,17 +45,24 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     func,
+    inspect,
     select,
+    text,
     update,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from cfr_core.errors import CFRError
+from cfr_core.paths import check_name
 
 
 class RegistryError(CFRError):
     """The registry cannot be reached, or a category/version does not exist."""
+
+
+class CategoryBusyError(RegistryError):
+    """Another run holds the category's rebuild lock."""
 
 
 class _Base(DeclarativeBase):
@@ -63,6 +89,43 @@ class Deployment(_Base):
     run_id: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     note: Mapped[str] = mapped_column(Text, default="")
+    prev_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    row_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class DeployEvent(_Base):
+    __tablename__ = "cfr_deploy_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    category: Mapped[str] = mapped_column(String(200), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String(20))
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    note: Mapped[str] = mapped_column(Text, default="")
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    row_hash: Mapped[str] = mapped_column(String(64))
+
+
+class ChainHead(_Base):
+    __tablename__ = "cfr_chain_heads"
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    head: Mapped[str] = mapped_column(String(64))
+    count: Mapped[int] = mapped_column(Integer)
+
+
+class LockHolder(_Base):
+    """Who holds a category lock (for the message; the lock itself lives elsewhere)."""
+
+    __tablename__ = "cfr_category_locks"
+
+    category: Mapped[str] = mapped_column(String(200), primary_key=True)
+    holder: Mapped[str] = mapped_column(Text)
+    since: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+GENESIS = "0" * 64
+CHAINS = {"deployments": Deployment, "events": DeployEvent}
 
 
 @dataclass(frozen=True)
@@ -74,7 +137,7 @@ class DeploymentRecord:
     deployed: bool
     model_path: str
     model_hash: str
-    artifact_hashes: dict[str, str]
+    artifact_hashes: dict[str, Any]
     shot_hashes: list[dict[str, str]]
     extractor_ids: dict[str, str]
     method_config: dict[str, Any]
@@ -84,9 +147,57 @@ class DeploymentRecord:
     run_id: str
     created_at: str
     note: str
+    row_hash: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return dict(vars(self))
+
+
+def _iso(moment: dt.datetime | None) -> str:
+    """A timestamp as the same string whatever the database hands back (naive = UTC)."""
+    if moment is None:
+        return ""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(dt.UTC).replace(tzinfo=None)
+    return moment.isoformat(timespec="microseconds")
+
+
+def _digest(fields: dict[str, Any], prev: str) -> str:
+    blob = json.dumps({**fields, "prev": prev}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _deployment_fields(row: Deployment) -> dict[str, Any]:
+    """Everything a version row says, except the ``deployed`` shortcut and the chain columns."""
+    return {
+        "category": row.category,
+        "version": row.version,
+        "model_path": row.model_path,
+        "model_hash": row.model_hash,
+        "artifact_hashes": row.artifact_hashes,
+        "shot_hashes": row.shot_hashes,
+        "extractor_ids": row.extractor_ids,
+        "method_config": row.method_config,
+        "metrics": row.metrics,
+        "threshold": None if row.threshold is None else repr(float(row.threshold)),
+        "code_version": row.code_version,
+        "run_id": row.run_id,
+        "created_at": _iso(row.created_at),
+        "note": row.note or "",
+    }
+
+
+def _event_fields(row: DeployEvent) -> dict[str, Any]:
+    return {
+        "category": row.category,
+        "version": row.version,
+        "action": row.action,
+        "at": _iso(row.at),
+        "note": row.note or "",
+    }
+
+
+_FIELDS = {"deployments": _deployment_fields, "events": _event_fields}
 
 
 def _record(row: Deployment) -> DeploymentRecord:
@@ -106,6 +217,7 @@ def _record(row: Deployment) -> DeploymentRecord:
         run_id=row.run_id,
         created_at=row.created_at.isoformat() if row.created_at else "",
         note=row.note or "",
+        row_hash=row.row_hash or "",
     )
 
 
@@ -113,8 +225,16 @@ def default_url(home: str | Path) -> str:
     return f"sqlite:///{Path(home).resolve() / 'registry.db'}"
 
 
+class _ChainConflict(Exception):
+    """Another writer advanced the chain head first: retry the transaction."""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
 class BankRegistry:
-    """Deployments of fitted banks, per category, with rollback."""
+    """Deployments of fitted banks, per category, with rollback, verification and locks."""
 
     def __init__(self, url: str):
         self.url = url
@@ -123,8 +243,92 @@ class BankRegistry:
                 Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             self.engine = create_engine(url, future=True)
             _Base.metadata.create_all(self.engine)
+            self._create_heads()
+            self._upgrade()
         except (SQLAlchemyError, OSError) as exc:
-            raise RegistryError(f"cannot open the bank registry at {url!r}: {exc}") from exc
+            raise RegistryError(f"cannot open the bank registry at {self.safe_url}: {exc}") from exc
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its password (for messages and metadata)."""
+        try:
+            return self.engine.url.render_as_string(hide_password=True)
+        except AttributeError:  # before the engine exists
+            return self.url.split("@")[-1]
+
+    # ------------------------------------------------------------------ chains
+
+    def _create_heads(self) -> None:
+        for name in CHAINS:
+            try:
+                with Session(self.engine) as s, s.begin():
+                    if s.get(ChainHead, name) is None:
+                        s.add(ChainHead(name=name, head=GENESIS, count=0))
+            except IntegrityError:  # another process created it first
+                pass
+
+    def _head(self, s: Session, name: str) -> ChainHead:
+        head = s.get(ChainHead, name, populate_existing=True)  # never a stale copy
+        if head is None:
+            raise RegistryError(f"registry {self.safe_url}: chain head {name!r} is missing")
+        return head
+
+    def _append(self, s: Session, name: str, row: Deployment | DeployEvent) -> None:
+        head = self._head(s, name)
+        prev = head.head
+        row.prev_hash = prev
+        row.row_hash = _digest(_FIELDS[name](row), prev)
+        s.add(row)
+        moved = s.execute(
+            update(ChainHead)
+            .where(ChainHead.name == name, ChainHead.head == prev)
+            .values(head=row.row_hash, count=ChainHead.count + 1)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if moved != 1:
+            raise _ChainConflict(name)
+
+    def _transaction(self, work, attempts: int = 20):
+        """Run ``work(session)`` in one transaction, retried when another writer won a chain race."""
+        for attempt in range(attempts):
+            try:
+                with Session(self.engine, expire_on_commit=False) as s, s.begin():
+                    return work(s)
+            except _ChainConflict:
+                time.sleep(0.05 * (attempt + 1))
+            except SQLAlchemyError as exc:
+                if "locked" in str(exc).lower() and attempt < attempts - 1:
+                    time.sleep(0.1 * (attempt + 1))
+                    continue
+                raise RegistryError(f"registry {self.safe_url}: {exc}") from exc
+        raise RegistryError(f"registry {self.safe_url}: too many concurrent writers, try again")
+
+    def _upgrade(self) -> None:
+        """Seal a registry written before rows were chained (adds the columns, hashes the rows)."""
+        columns = {c["name"] for c in inspect(self.engine).get_columns("cfr_deployments")}
+        if {"prev_hash", "row_hash"} <= columns:
+            return
+        with self.engine.begin() as conn:
+            for col in ("prev_hash", "row_hash"):
+                if col not in columns:
+                    conn.execute(text(f"ALTER TABLE cfr_deployments ADD COLUMN {col} VARCHAR(64)"))
+
+        def seal(s: Session) -> None:
+            for row in list(s.scalars(select(Deployment).order_by(Deployment.id))):
+                self._append(s, "deployments", row)
+                if row.deployed:
+                    event = DeployEvent(
+                        category=row.category,
+                        version=row.version,
+                        action="deploy",
+                        at=_now(),
+                        note="recorded when the registry was sealed",
+                    )
+                    self._append(s, "events", event)
+
+        self._transaction(seal)
+
+    # ------------------------------------------------------------------ writes
 
     def register(
         self,
@@ -132,7 +336,7 @@ class BankRegistry:
         category: str,
         model_path: str,
         model_hash: str,
-        artifact_hashes: dict[str, str],
+        artifact_hashes: dict[str, Any],
         shot_hashes: list[dict[str, str]],
         extractor_ids: dict[str, str],
         method_config: dict[str, Any],
@@ -143,35 +347,56 @@ class BankRegistry:
         deploy: bool = True,
         note: str = "",
     ) -> DeploymentRecord:
-        """Add a new version of ``category`` (and make it the live one when ``deploy``)."""
-        with Session(self.engine) as s, s.begin():
+        """Append a new version of ``category`` (and make it the live one when ``deploy``)."""
+        check_name(category)
+
+        def work(s: Session) -> DeploymentRecord:
             latest = s.scalar(
                 select(func.max(Deployment.version)).where(Deployment.category == category)
             )
-            if deploy:
-                s.execute(
-                    update(Deployment).where(Deployment.category == category).values(deployed=False)
-                )
             row = Deployment(
                 category=category,
                 version=(latest or 0) + 1,
-                deployed=deploy,
+                deployed=False,
                 model_path=model_path,
                 model_hash=model_hash,
-                artifact_hashes=artifact_hashes,
-                shot_hashes=shot_hashes,
-                extractor_ids=extractor_ids,
-                method_config=method_config,
+                artifact_hashes=json.loads(json.dumps(artifact_hashes)),
+                shot_hashes=json.loads(json.dumps(shot_hashes)),
+                extractor_ids=dict(extractor_ids),
+                method_config=json.loads(json.dumps(method_config)),
                 metrics=json.loads(json.dumps(metrics, default=float)),
-                threshold=threshold,
+                threshold=None if threshold is None else float(threshold),
                 code_version=code_version,
                 run_id=run_id,
-                created_at=dt.datetime.now(dt.UTC),
+                created_at=_now(),
                 note=note,
             )
-            s.add(row)
+            self._append(s, "deployments", row)
             s.flush()
+            if deploy:
+                self._deploy(s, category, row.version, "deploy", note)
+                row.deployed = True
             return _record(row)
+
+        return self._transaction(work)
+
+    def _deploy(self, s: Session, category: str, version: int, action: str, note: str) -> None:
+        s.execute(update(Deployment).where(Deployment.category == category).values(deployed=False))
+        s.execute(
+            update(Deployment)
+            .where(Deployment.category == category, Deployment.version == version)
+            .values(deployed=True)
+        )
+        event = DeployEvent(category=category, version=version, action=action, at=_now(), note=note)
+        self._append(s, "events", event)
+
+    def rollback(self, category: str, version: int) -> DeploymentRecord:
+        """Make ``version`` the deployed one (one transaction, logged)."""
+        self.get(category, version)
+        self._transaction(lambda s: self._deploy(s, category, version, "rollback", ""))
+        return self.get(category, version)
+
+    # ------------------------------------------------------------------ reads
 
     def list(self, category: str | None = None) -> list[DeploymentRecord]:
         with Session(self.engine) as s:
@@ -180,12 +405,23 @@ class BankRegistry:
                 q = q.where(Deployment.category == category)
             return [_record(r) for r in s.scalars(q)]
 
+    def categories(self) -> list[str]:
+        with Session(self.engine) as s:
+            return sorted(s.scalars(select(Deployment.category).distinct()))
+
     def deployed(self, category: str) -> DeploymentRecord | None:
         with Session(self.engine) as s:
-            row = s.scalar(
-                select(Deployment).where(Deployment.category == category, Deployment.deployed)
+            rows = list(
+                s.scalars(
+                    select(Deployment).where(Deployment.category == category, Deployment.deployed)
+                )
             )
-            return _record(row) if row else None
+            if len(rows) > 1:
+                raise RegistryError(
+                    f"{len(rows)} versions of {category!r} are marked deployed; the registry was "
+                    "edited outside CFR Factory: run `cfr audit --all`"
+                )
+            return _record(rows[0]) if rows else None
 
     def get(self, category: str, version: int | None = None) -> DeploymentRecord:
         """A version of ``category``; the deployed one when ``version`` is None."""
@@ -207,16 +443,134 @@ class BankRegistry:
                 )
             return _record(row)
 
-    def rollback(self, category: str, version: int) -> DeploymentRecord:
-        """Make ``version`` the deployed one (one transaction)."""
-        self.get(category, version)
+    def events(self, category: str | None = None) -> list[dict[str, Any]]:
+        with Session(self.engine) as s:
+            q = select(DeployEvent).order_by(DeployEvent.id)
+            if category is not None:
+                q = q.where(DeployEvent.category == category)
+            return [{**_event_fields(e), "id": e.id} for e in s.scalars(q)]
+
+    def verify(self) -> list[str]:
+        """Every way the stored rows disagree with their chains; empty when intact."""
+        problems: list[str] = []
+        with Session(self.engine) as s:
+            for name, table in CHAINS.items():
+                prev, count = GENESIS, 0
+                for row in s.scalars(select(table).order_by(table.id)):
+                    what = f"{name} row {row.id} ({row.category} v{row.version})"
+                    if row.prev_hash != prev:
+                        problems.append(f"{what}: not chained to the row before it")
+                    if row.row_hash != _digest(_FIELDS[name](row), row.prev_hash or ""):
+                        problems.append(f"{what}: content differs from its recorded hash")
+                    prev, count = row.row_hash or "", count + 1
+                head = s.get(ChainHead, name)
+                if count and (head is None or head.head != prev or head.count != count):
+                    problems.append(
+                        f"{name}: the chain head does not match the last row (rows removed?)"
+                    )
+            live: dict[str, int] = {}
+            for event in s.scalars(select(DeployEvent).order_by(DeployEvent.id)):
+                live[event.category] = event.version
+            flagged: dict[str, list[int]] = {}
+            for row in s.scalars(select(Deployment).where(Deployment.deployed)):
+                flagged.setdefault(row.category, []).append(row.version)
+            for category in sorted(set(live) | set(flagged)):
+                if flagged.get(category, []) != ([live[category]] if category in live else []):
+                    problems.append(
+                        f"{category}: deployed flag on version(s) {flagged.get(category, [])} but "
+                        f"the deploy log says version {live.get(category)}"
+                    )
+        return problems
+
+    # ------------------------------------------------------------------ locks
+
+    @contextlib.contextmanager
+    def category_lock(self, category: str, holder: str, wait: float = 0.0) -> Iterator[None]:
+        """Hold ``category``'s rebuild lock for the ``with`` block.
+
+        ``holder`` says who holds it (run id); a second caller waits up to
+        ``wait`` seconds, then gets :class:`CategoryBusyError` naming the holder.
+        The lock dies with its process (advisory lock / flock), never stale.
+        """
+        check_name(category)
+        who = f"{holder} (pid {os.getpid()} on {socket.gethostname()})"
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            lock = self._pg_lock(category, wait)
+        elif dialect == "sqlite":
+            lock = self._file_lock(category, wait)
+        else:
+            raise RegistryError(f"category locks need SQLite or PostgreSQL, not {dialect}")
+        with lock:
+            self._set_holder(category, who)
+            try:
+                yield
+            finally:
+                self._set_holder(category, None)
+
+    def _busy(self, category: str, wait: float) -> CategoryBusyError:
+        with Session(self.engine) as s:
+            row = s.get(LockHolder, category)
+        who = f"{row.holder} since {_iso(row.since)[:19]} UTC" if row else "another run"
+        waited = f" (waited {wait:g} s)" if wait else ""
+        return CategoryBusyError(
+            f"category {category!r} is being rebuilt by {who}{waited}; wait for that run to "
+            "finish, or retry with a longer wait"
+        )
+
+    def _set_holder(self, category: str, who: str | None) -> None:
         with Session(self.engine) as s, s.begin():
-            s.execute(
-                update(Deployment).where(Deployment.category == category).values(deployed=False)
-            )
-            s.execute(
-                update(Deployment)
-                .where(Deployment.category == category, Deployment.version == version)
-                .values(deployed=True)
-            )
-        return self.get(category, version)
+            row = s.get(LockHolder, category)
+            if who is None:
+                if row is not None:
+                    s.delete(row)
+            elif row is None:
+                s.add(LockHolder(category=category, holder=who, since=_now()))
+            else:
+                row.holder, row.since = who, _now()
+
+    @contextlib.contextmanager
+    def _pg_lock(self, category: str, wait: float) -> Iterator[None]:
+        key = int.from_bytes(
+            hashlib.sha256(f"cfr:{category}".encode()).digest()[:8], "big", signed=True
+        )
+        conn = self.engine.connect()
+        try:
+            deadline = time.monotonic() + wait
+            while not conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
+                conn.rollback()
+                if time.monotonic() >= deadline:
+                    raise self._busy(category, wait)
+                time.sleep(0.5)
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+        finally:
+            conn.close()
+
+    @contextlib.contextmanager
+    def _file_lock(self, category: str, wait: float) -> Iterator[None]:
+        import fcntl
+
+        database = self.engine.url.database
+        if not database or database == ":memory:":
+            raise RegistryError("category locks need a SQLite file, not an in-memory database")
+        path = Path(database).resolve().parent / "locks" / f"{category}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as handle:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise self._busy(category, wait) from None
+                    time.sleep(0.5)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
