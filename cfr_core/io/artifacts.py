@@ -3,21 +3,26 @@
 A model folder holds::
 
     model.json          category, full FitConfig, extractor lineage ids, dims,
-                        threshold, shots (paths + sha256), loss history, timings,
-                        code version
+                        threshold, shots (paths + sha256), loss history, code
+                        version, and (pipeline models) the stage versions it was
+                        built from
     weights.safetensors mappers, retriever, banks, feature standardisation
-    manifest.json       sha256 of the two files above and the folder's content hash
+    <extra files>       e.g. the pipeline's report.json and stage.json
+    manifest.json       sha256 of every other file and the folder's content hash
 
+The content is a function of the inputs alone (no wall-clock time, no run
+durations), so the same shots, config, code and weights give the same hash.
 It is written to a temporary sibling and renamed, so a crash never leaves a
-half-written model; loading re-hashes the files and refuses a folder whose
-bytes do not match its manifest.
+half-written model. Loading re-hashes the files and refuses a folder whose
+manifest does not list model.json and weights.safetensors, lists a file that is
+missing or altered, or does not list a file the folder holds.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
+import re
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
@@ -36,6 +41,7 @@ from cfr_core.errors import CFRError, DataError
 from cfr_core.memory.bank import Banks
 from cfr_core.models.mappers import CrossModalMappers
 from cfr_core.models.retriever import AttentionRetriever
+from cfr_core.paths import is_safe_name
 
 FORMAT = "cfr-model/1"
 MODEL_JSON = "model.json"
@@ -77,7 +83,8 @@ def content_hash(file_hashes: dict[str, str]) -> str:
 
 
 def model_metadata(model: FittedModel) -> dict[str, Any]:
-    return {
+    """What model.json holds: everything but wall-clock facts (no creation time, no durations)."""
+    meta = {
         "format": FORMAT,
         "category": model.category,
         "config": model.config.to_dict(),
@@ -85,56 +92,107 @@ def model_metadata(model: FittedModel) -> dict[str, Any]:
         "dims": model.dims,
         "threshold": model.threshold,
         "threshold_source": model.threshold_source,
+        "gate_threshold": model.gate_threshold,
+        "theta": model.theta,
+        "theta_source": model.theta_source,
         "shots": [asdict(s) for s in model.shots],
         "history": model.history,
-        "timings": model.timings,
         "extra": model.extra,
         "code_version": code_version(),
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+    if model.lineage:
+        meta["lineage"] = model.lineage
+    return meta
 
 
-def save_model(model: FittedModel, out: str | Path, overwrite: bool = False) -> str:
-    """Write ``model`` to the folder ``out`` atomically; return its content hash."""
+def save_model(
+    model: FittedModel,
+    out: str | Path,
+    overwrite: bool = False,
+    extra_files: dict[str, bytes] | None = None,
+) -> str:
+    """Write ``model`` (and ``extra_files``) to the folder ``out`` atomically; return its content hash."""
     out = Path(out)
+    extra_files = extra_files or {}
+    for name in extra_files:
+        if name in (MODEL_JSON, WEIGHTS, MANIFEST) or not is_safe_name(name):
+            raise ArtifactError(f"{name!r} cannot be an extra file of a model folder", out)
     with atomic_folder(out, overwrite) as tmp:
         save_file(model.tensors(), str(tmp / WEIGHTS), metadata={"format": FORMAT})
         (tmp / MODEL_JSON).write_text(
             json.dumps(model_metadata(model), indent=2, sort_keys=True) + "\n"
         )
-        hashes = {name: sha256_file(tmp / name) for name in (MODEL_JSON, WEIGHTS)}
+        for name, data in extra_files.items():
+            (tmp / name).write_bytes(data)
+        hashes = {name: sha256_file(tmp / name) for name in (MODEL_JSON, WEIGHTS, *extra_files)}
         digest = content_hash(hashes)
         manifest = {"format": FORMAT, "files": hashes, "content_hash": digest}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return digest
 
 
+def read_json(path: str | Path, what: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A JSON object from ``path``; one clear error naming the file when it is missing,
+    not JSON, not an object, or lacks a ``required`` key."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{what} is missing", path) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{what} cannot be read ({exc})", path) from exc
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{what} is not valid JSON ({exc})", path) from exc
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{what} is not a JSON object", path)
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ArtifactError(f"{what} lacks {', '.join(map(repr, missing))}", path)
+    return data
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
 def verify_model(folder: str | Path) -> str:
-    """Re-hash the folder's files against its manifest; return the content hash."""
+    """Re-hash the folder's files against its manifest; return the content hash.
+
+    Refused, with one line naming the file: a manifest that does not list
+    model.json and weights.safetensors, a listed file that is missing or
+    altered, a file in the folder that the manifest does not list.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise ArtifactError("model folder not found", folder, "pass the --out folder of `cfr fit`")
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except FileNotFoundError as exc:
-        raise ArtifactError(
-            "manifest.json is missing: not a complete model folder", folder
-        ) from exc
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"manifest.json is not valid JSON ({exc})", folder / MANIFEST) from exc
+    manifest = read_json(folder / MANIFEST, "manifest.json", ("format", "files", "content_hash"))
     if manifest.get("format") != FORMAT:
         raise ArtifactError(
             f"unsupported model format {manifest.get('format')!r}; expected {FORMAT}", folder
         )
-    for name, expected in manifest["files"].items():
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and _SHA256.match(v) for k, v in files.items()
+    ):
+        raise ArtifactError(
+            "manifest.json 'files' is not a map of names to sha256", folder / MANIFEST
+        )
+    for needed in (MODEL_JSON, WEIGHTS):
+        if needed not in files:
+            raise ArtifactError(f"manifest.json does not list {needed}", folder / MANIFEST)
+    for name, expected in files.items():
+        if not is_safe_name(name):
+            raise ArtifactError(f"manifest.json lists an unsafe name {name!r}", folder / MANIFEST)
         path = folder / name
-        if not path.is_file():
+        if path.is_symlink() or not path.is_file():
             raise ArtifactError("file listed in the manifest is missing", path)
         if sha256_file(path) != expected:
             raise ArtifactError(
                 "file content does not match its manifest hash (altered or corrupt)", path
             )
-    digest = content_hash(manifest["files"])
+    for path in sorted(folder.iterdir()):
+        if path.name != MANIFEST and path.name not in files:
+            raise ArtifactError("file is not listed in the model's manifest.json", path)
+    digest = content_hash(files)
     if digest != manifest.get("content_hash"):
         raise ArtifactError("manifest content hash is inconsistent", folder / MANIFEST)
     return digest
@@ -149,16 +207,19 @@ def load_model(folder: str | Path, verify: bool = True) -> FittedModel:
     folder = Path(folder)
     if verify:
         verify_model(folder)
+    meta = read_json(
+        folder / MODEL_JSON, "model.json", ("category", "config", "extractor_ids", "dims")
+    )
     try:
-        meta = json.loads((folder / MODEL_JSON).read_text())
         tensors = load_file(str(folder / WEIGHTS))
-    except (OSError, json.JSONDecodeError, SafetensorError) as exc:
-        raise ArtifactError(f"model files do not load ({exc})", folder) from exc
+    except (OSError, SafetensorError) as exc:
+        raise ArtifactError(f"weights do not load ({exc})", folder / WEIGHTS) from exc
     try:
         return model_from_parts(meta, tensors)
-    except (KeyError, TypeError, RuntimeError, CFRError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, CFRError) as exc:
         raise ArtifactError(
-            f"model folder is inconsistent ({type(exc).__name__}: {exc})", folder
+            f"model.json does not match the weights ({type(exc).__name__}: {exc})",
+            folder / MODEL_JSON,
         ) from exc
 
 
@@ -176,10 +237,13 @@ def model_from_parts(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
         dims=meta["dims"],
         threshold=meta.get("threshold"),
         threshold_source=meta.get("threshold_source", ""),
+        gate_threshold=meta.get("gate_threshold"),
+        theta=meta.get("theta"),
+        theta_source=meta.get("theta_source", ""),
         shots=[s if isinstance(s, ShotRecord) else ShotRecord(**s) for s in meta.get("shots", [])],
         history=meta.get("history", {}),
-        timings=meta.get("timings", {}),
         extra=meta.get("extra", {}),
+        lineage=meta.get("lineage", {}),
     )
     model.norm = FeatureNorm.from_tensors(tensors)
     mapper_state = _sub(tensors, "mappers.")
