@@ -51,6 +51,11 @@ class ExtractorConfig:
         return self.rgb in OFFLINE_EXTRACTORS or self.points in OFFLINE_EXTRACTORS
 
     @property
+    def paper(self) -> bool:
+        """The paper's DINO ViT + Point-MAE pair, for which its θ and blur were tuned."""
+        return (self.rgb, self.points) == EXTRACTOR_PRESETS["paper"]
+
+    @property
     def standardized(self) -> bool:
         return self.offline if self.standardize is None else self.standardize
 
@@ -113,17 +118,28 @@ class RetrieverConfig:
             raise ConfigError("retriever top_k, d_model and epochs must be >= 1")
 
 
+PAPER_THETA = 0.4  # MVTec 3D-AD with DINO + Point-MAE (Eyecandies: 0.2)
+
+
 @dataclass(frozen=True)
 class ScoringConfig:
-    """Replacement threshold, blur and the conditional-replacement candidate count."""
+    """Replacement threshold, blur, thresholds and the conditional-replacement candidate count."""
 
-    theta: float = 0.4  # 0.4 for MVTec 3D-AD, 0.2 for Eyecandies
+    # θ: a number, or "auto" = calibrated at fit time from the shots (see
+    # cfr_core.engine.fit.fit_theta). None: the paper's 0.4 with the paper's
+    # extractors, "auto" with every other extractor pair (whose unreliability
+    # has another scale).
+    theta: float | str | None = None
+    theta_quantile: float = 0.99
     # (kernel, repeats) box filters. None: the paper's one 5×5 for the CFR family with
     # the paper's extractors; CFM's five 5×5 + three 7×7 for CFM, and for every method
     # with the training-free extractors, whose per-pixel maps are noisier.
     blur: tuple[tuple[int, int], ...] | None = None
     cond_top_k: int = 8  # cfr-cond: candidates among which the closest to the observed RGB wins
     threshold_margin: float = 0.05  # decision threshold = max validation score * (1 + margin)
+    gate_margin: float = (
+        0.25  # quality gate for new good scans: max validation score * (1 + margin)
+    )
     # Map every stride-th pixel of the foreground and interpolate the map between
     # them: stride² times less mapping and bank search. 1 = every pixel (the paper).
     stride: int = 1
@@ -131,6 +147,14 @@ class ScoringConfig:
     def __post_init__(self) -> None:
         if self.stride < 1:
             raise ConfigError(f"scoring stride must be >= 1, got {self.stride}")
+        if self.theta is not None and self.theta != "auto":
+            if isinstance(self.theta, bool) or not isinstance(self.theta, int | float):
+                raise ConfigError(f"theta must be a number or 'auto', got {self.theta!r}")
+            object.__setattr__(self, "theta", float(self.theta))
+        if not 0.0 < self.theta_quantile <= 1.0:
+            raise ConfigError(f"theta_quantile must be in (0, 1], got {self.theta_quantile}")
+        if self.threshold_margin < 0 or self.gate_margin < 0:
+            raise ConfigError("threshold and gate margins must be >= 0")
         for kernel, repeats in self.blur or ():
             if kernel < 1 or kernel % 2 == 0 or repeats < 0:
                 raise ConfigError(f"blur kernels must be odd and positive, got {self.blur}")
@@ -160,6 +184,9 @@ class FitConfig:
             object.__setattr__(
                 self, "scoring", replace(self.scoring, blur=CFM_BLUR if heavy else PAPER_BLUR)
             )
+        if self.scoring.theta is None:
+            theta = PAPER_THETA if self.extractors.paper else "auto"
+            object.__setattr__(self, "scoring", replace(self.scoring, theta=theta))
 
     @classmethod
     def for_method(cls, method: str, **kwargs: Any) -> FitConfig:
@@ -171,6 +198,11 @@ class FitConfig:
     @property
     def uses_mappers(self) -> bool:
         return self.method != "btf"
+
+    @property
+    def needs_banks(self) -> bool:
+        """The RGB and key-value banks (replacement); btf has its own joint bank."""
+        return self.replacement is not None
 
     @property
     def replacement(self) -> str | None:

@@ -88,9 +88,7 @@ def test_every_method_fits_and_evaluates(synth_root, cache, fitted):
 
 def test_replacement_fires_at_low_theta(synth_root, cache, fitted):
     model = fitted["cfr"]
-    low = replace(model.config, scoring=replace(model.config.scoring, theta=0.0))
-    model_low = replace(model, config=low)
-    ev = evaluate(model_low, synth_root, cache)
+    ev = evaluate(model.variant(theta=0.0), synth_root, cache)
     assert ev.replacement_rate == pytest.approx(1.0)  # d >= 0 everywhere: every pixel replaced
     base = evaluate(model, synth_root, cache)
     assert not torch.equal(ev.result.maps, base.result.maps)
@@ -114,10 +112,7 @@ def test_replacement_decision_is_the_plausibility_rule(synth_root, cache, fitted
     d = plausibility(p_rgb, model.banks.rgb)
     counts = []
     for theta in (0.02, 0.05, 0.1, 0.4):
-        m = replace(
-            model, config=replace(model.config, scoring=replace(model.config.scoring, theta=theta))
-        )
-        out, n = replace_unreliable(m, p_rgb, f_rgb, f_3d)
+        out, n = replace_unreliable(model.variant(theta=theta), p_rgb, f_rgb, f_3d)
         assert n == int((d >= theta).sum()), theta
         assert torch.equal(out[d < theta], p_rgb[d < theta])
         counts.append(n)

@@ -1,9 +1,16 @@
-"""Fitting a category, calibrating its decision threshold, and evaluating it.
+"""Fitting a category, calibrating it, and evaluating it: one staged path for `cfr fit` and the pipeline.
 
-``fit`` = choose the shots (published few-shot protocol) → extract features →
-train the mappers → build the banks → train the retriever (the parts each
-method needs) → calibrate the pass/fail threshold on normal samples the model
-has not seen. Each stage is also callable on its own (the Dagster assets do).
+The stages, each a function that the Dagster assets call one by one and that
+:func:`fit_features` / :func:`fit` call in sequence (so the factory deploys
+exactly the detector that `cfr fit` builds):
+
+1. :func:`choose_shots`        the published few-shot protocol
+2. ``extract_features``        frozen per-pixel features (cached)
+3. :func:`fit_standardisation` per-category feature standardisation (or none)
+4. :func:`fit_mappers`         crossmodal mappers (CFR: cyclic GeGLU, CFM: MLP)
+5. :func:`fit_banks`           memory banks (+ the θ the method replaces at)
+6. :func:`fit_retriever`       attention retriever
+7. :func:`assemble`            the model; then :func:`calibrate` its thresholds
 """
 
 from __future__ import annotations
@@ -18,19 +25,21 @@ import numpy as np
 import torch
 
 from cfr_core.config import FitConfig
-from cfr_core.data.fewshot import select_shots
+from cfr_core.data.fewshot import ShotSelection, select_shots
 from cfr_core.data.io import sha256_file
 from cfr_core.data.mvtec import GOOD, Sample, index_category
 from cfr_core.engine.features import FeatureCache, FeatureSet, build_extractors, extract_features
-from cfr_core.engine.infer import InferenceResult, infer
+from cfr_core.engine.infer import InferenceResult, infer, plausibility
 from cfr_core.engine.model import FittedModel, ShotRecord
 from cfr_core.engine.normalize import FeatureNorm
 from cfr_core.engine.train import Progress, train_mappers, train_retriever
 from cfr_core.errors import ConfigError, EmptyCategoryError
 from cfr_core.features.base import Extractor
-from cfr_core.memory.bank import build_banks, build_joint_bank
+from cfr_core.memory.bank import Banks, build_banks, build_joint_bank
 from cfr_core.metrics.report import MetricReport, compute_report
-from cfr_core.scoring.maps import aupro_maps, decision_threshold, pixel_maps
+from cfr_core.models.mappers import CrossModalMappers
+from cfr_core.models.retriever import AttentionRetriever
+from cfr_core.scoring.maps import aupro_maps, decision_threshold, gate_threshold, pixel_maps
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +80,122 @@ def shot_records(samples: Sequence[Sample]) -> list[ShotRecord]:
     ]
 
 
-def standardize(config: FitConfig, features: FeatureSet) -> tuple[FeatureNorm | None, FeatureSet]:
-    """Fit the per-category standardisation when the config asks for it; apply it."""
-    if not config.extractors.standardized:
-        return None, features
-    norm = FeatureNorm.fit(features)
-    return norm, norm.apply(features)
+# ----------------------------------------------------------------------------- stages
+
+
+def choose_shots(pool: Sequence[Sample], config: FitConfig) -> ShotSelection:
+    """Stage 1: ``config.shots`` of ``pool`` by the published protocol (all of them if fewer)."""
+    return select_shots(list(pool), min(config.shots, len(pool)), config.fewshot_seed)
+
+
+def fit_standardisation(config: FitConfig, features: FeatureSet) -> FeatureNorm | None:
+    """Stage 3: the per-category standardisation, when the config asks for one."""
+    return FeatureNorm.fit(features) if config.extractors.standardized else None
+
+
+def standardised(norm: FeatureNorm | None, features: FeatureSet) -> FeatureSet:
+    return features if norm is None else norm.apply(features)
+
+
+def fit_mappers(
+    config: FitConfig,
+    features: FeatureSet,
+    progress: Progress | None = None,
+    device: str = "cpu",
+) -> tuple[CrossModalMappers | None, list[float], float]:
+    """Stage 4: (mappers or None, loss per epoch, seconds) on standardised features."""
+    if not config.uses_mappers:
+        return None, [], 0.0
+    mappers, hist = train_mappers(features, config.mappers, progress, device)
+    return mappers, hist.losses, hist.seconds
+
+
+def fit_banks(
+    config: FitConfig, features: FeatureSet
+) -> tuple[Banks | None, torch.Tensor | None, float]:
+    """Stage 5: (key-value + RGB banks, BTF's joint bank, seconds), what the method needs."""
+    t0 = time.perf_counter()
+    banks = joint = None
+    if config.method == "btf":
+        joint = build_joint_bank(features.rgb, features.points, features.foreground, config.banks)
+    elif config.needs_banks:
+        banks = build_banks(features.rgb, features.points, config.banks)
+    return banks, joint, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def fit_theta(
+    config: FitConfig,
+    features: FeatureSet,
+    mappers: CrossModalMappers | None,
+    banks: Banks | None,
+) -> tuple[float | None, str]:
+    """Stage 5b: the replacement threshold θ and where it came from.
+
+    A fixed θ (the paper's 0.4 for DINO + Point-MAE) is used as it is. ``"auto"``
+    calibrates it from the shots alone: the ``theta_quantile`` quantile of the
+    unreliability d = 1 - max cos(prediction, RGB bank) of the mappers'
+    predictions on the shots' foreground pixels, so that a test prediction is
+    replaced when it is less plausible than almost every prediction on known-good
+    pixels, whatever the feature space's scale.
+    """
+    if config.replacement is None:
+        return None, "no replacement"
+    theta = config.scoring.theta
+    if theta != "auto":
+        return float(theta), "fixed"
+    d = []
+    for i in range(len(features)):
+        fg = features.foreground[i]
+        if fg.any():
+            p_rgb, _ = mappers(features.rgb[i][:, fg].T, features.points[i][:, fg].T)
+            d.append(plausibility(p_rgb, banks.rgb))
+    q = config.scoring.theta_quantile
+    theta = float(np.quantile(torch.cat(d).double().numpy(), q))
+    return theta, f"calibrated: q{q:g} of the shots' unreliability"
+
+
+def fit_retriever(
+    config: FitConfig,
+    features: FeatureSet,
+    banks: Banks | None,
+    progress: Progress | None = None,
+) -> tuple[AttentionRetriever | None, list[float], float]:
+    """Stage 6: (attention retriever or None, loss per epoch, seconds)."""
+    if config.replacement != "attention":
+        return None, [], 0.0
+    retriever, hist = train_retriever(features, banks, config.retriever, progress)
+    return retriever, hist.losses, hist.seconds
+
+
+def assemble(
+    category: str,
+    config: FitConfig,
+    extractor_ids: dict[str, str],
+    dims: dict[str, int],
+    norm: FeatureNorm | None = None,
+    mappers: CrossModalMappers | None = None,
+    banks: Banks | None = None,
+    joint_bank: torch.Tensor | None = None,
+    retriever: AttentionRetriever | None = None,
+    theta: tuple[float | None, str] = (None, ""),
+    history: dict[str, list[float]] | None = None,
+) -> FittedModel:
+    """Stage 7: the model from its fitted parts (no threshold yet)."""
+    return FittedModel(
+        category=category,
+        config=config,
+        extractor_ids=extractor_ids,
+        dims=dims,
+        norm=norm,
+        mappers=mappers,
+        banks=banks,
+        joint_bank=joint_bank,
+        retriever=retriever,
+        theta=theta[0],
+        theta_source=theta[1],
+        history={k: v for k, v in (history or {}).items() if v},
+    )
 
 
 def fit_features(
@@ -87,39 +206,35 @@ def fit_features(
     progress: Progress | None = None,
     device: str = "cpu",
 ) -> FittedModel:
-    """Train what ``config.method`` needs on the shots' features (no threshold yet).
+    """Stages 3-7 on the shots' features: what ``config.method`` needs (no threshold yet).
 
     ``device`` runs the mapper training there (the costly part with the paper's
     1152/768-d features); banks, retriever and the returned model stay on the CPU.
     """
-    model = FittedModel(
-        category=category,
-        config=config,
-        extractor_ids={"rgb": extractors[0].lineage_id, "points": extractors[1].lineage_id},
-        dims={"rgb": features.rgb.shape[1], "points": features.points.shape[1]},
+    norm = fit_standardisation(config, features)
+    feats = standardised(norm, features)
+    mappers, mapper_losses, mapper_s = fit_mappers(config, feats, progress, device)
+    banks, joint, bank_s = fit_banks(config, feats)
+    theta = fit_theta(config, feats, mappers, banks)
+    retriever, retriever_losses, retriever_s = fit_retriever(config, feats, banks, progress)
+    model = assemble(
+        category,
+        config,
+        {"rgb": extractors[0].lineage_id, "points": extractors[1].lineage_id},
+        {"rgb": features.rgb.shape[1], "points": features.points.shape[1]},
+        norm,
+        mappers,
+        banks,
+        joint,
+        retriever,
+        theta,
+        {"mappers": mapper_losses, "retriever": retriever_losses},
     )
-    model.norm, features = standardize(config, features)
-    t0 = time.perf_counter()
-    if config.method == "btf":
-        model.joint_bank = build_joint_bank(
-            features.rgb, features.points, features.foreground, config.banks
-        )
-        model.timings["banks"] = time.perf_counter() - t0
-        return model
-    model.mappers, hist = train_mappers(features, config.mappers, progress, device)
-    model.history["mappers"] = hist.losses
-    model.timings["mappers"] = hist.seconds
-    if config.replacement is not None:
-        t0 = time.perf_counter()
-        model.banks = build_banks(features.rgb, features.points, config.banks)
-        model.timings["banks"] = time.perf_counter() - t0
-        if config.replacement == "attention":
-            model.retriever, hist = train_retriever(
-                features, model.banks, config.retriever, progress
-            )
-            model.history["retriever"] = hist.losses
-            model.timings["retriever"] = hist.seconds
+    model.timings.update({"mappers": mapper_s, "banks": bank_s, "retriever": retriever_s})
     return model
+
+
+# ----------------------------------------------------------------------------- thresholds
 
 
 def calibration_samples(
@@ -137,8 +252,12 @@ def calibration_samples(
 
 
 def calibrate(model: FittedModel, features: FeatureSet, source: str) -> float:
+    """The line's pass/fail threshold and the quality gate's threshold, from normal samples'
+    scores (:func:`~cfr_core.scoring.maps.decision_threshold`, :func:`~cfr_core.scoring.maps.gate_threshold`)."""
     scores = infer(model, features).scores.tolist()
-    model.threshold = decision_threshold(scores, model.config.scoring.threshold_margin)
+    scoring = model.config.scoring
+    model.threshold = decision_threshold(scores, scoring.threshold_margin)
+    model.gate_threshold = gate_threshold(scores, scoring.gate_margin)
     model.threshold_source = source
     return model.threshold
 
@@ -158,7 +277,7 @@ def fit(
     training there; everything else, and the returned model, is on the CPU.
     """
     index = index_category(root, category)
-    selection = select_shots(index.require_train(), config.shots, config.fewshot_seed)
+    selection = choose_shots(index.require_train(), config)
     extractors = on_device(extractors or build_extractors(config.extractors), device)
     t0 = time.perf_counter()
     shots = extract_features(selection.samples, extractors, config.preprocess, cache)
@@ -168,6 +287,9 @@ def fit(
     val, source = calibration_samples(root, category, selection.samples)
     calibrate(model, extract_features(val, extractors, config.preprocess, cache), source)
     return model
+
+
+# ----------------------------------------------------------------------------- evaluation
 
 
 @dataclass
@@ -185,6 +307,10 @@ class Evaluation:
     def replacement_rate(self) -> float:
         fg = self.result.foreground.reshape(len(self.keys), -1).sum(dim=1).float()
         return float((self.result.replaced * fg).sum() / fg.sum().clamp_min(1))
+
+    def to_dict(self) -> dict:
+        """The metrics as stored with a model and in the registry."""
+        return {**self.report.to_dict(), "replacement_rate": self.replacement_rate}
 
 
 def evaluate_features(model: FittedModel, features: FeatureSet, labels: np.ndarray) -> Evaluation:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -41,10 +41,27 @@ class FittedModel:
     joint_bank: torch.Tensor | None = None
     threshold: float | None = None
     threshold_source: str = ""
+    gate_threshold: float | None = None  # the quality gate's (more tolerant) threshold
+    theta: float | None = None  # replacement threshold in force (fixed or calibrated)
+    theta_source: str = ""
     shots: list[ShotRecord] = field(default_factory=list)
     history: dict[str, list[float]] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage; not saved
     extra: dict[str, Any] = field(default_factory=dict)
+    lineage: dict[str, Any] = field(default_factory=dict)  # pipeline models: stage -> version
+
+    def variant(self, method: str | None = None, theta: float | None = None) -> FittedModel:
+        """A copy sharing every fitted part, scored as ``method`` and/or at replacement ``theta``.
+
+        The CFR family (cfr, cfr-noreplace, cfr-nn, cfr-cond) differs only at
+        inference, so one fit serves them all.
+        """
+        config = self.config
+        if method is not None:
+            config = replace(config, method=method)
+        if theta is not None:
+            config = replace(config, scoring=replace(config.scoring, theta=float(theta)))
+        return replace(self, config=config, theta=self.theta if theta is None else float(theta))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """All learned state under stable names (for safetensors)."""

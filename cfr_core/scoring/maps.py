@@ -65,3 +65,14 @@ def decision_threshold(scores: list[float], margin: float) -> float:
     if not finite:
         raise ValueError("no finite score to calibrate a threshold on")
     return max(finite) * (1.0 + margin)
+
+
+def gate_threshold(scores: list[float], margin: float) -> float:
+    """The quality gate's threshold for new good scans: max * (1 + margin).
+
+    Separate from the line's :func:`decision_threshold`: a scan that enters the
+    shot library only has to look like the good parts, so the gate tolerates
+    more scan-to-scan variation than the line (the margin is chosen on the
+    development categories: bench/results/gate.md).
+    """
+    return decision_threshold(scores, margin)
