@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -57,7 +58,7 @@ from benchdata import bench_data  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "dev"
 CACHE = ROOT / "bench" / ".cache"
-TERMS = ("raw", "att", "nn", "plaus", "pts", "b_rgb", "b_pts", "cfm", "btf")
+TERMS = ("raw", "att", "nn", "cond", "plaus", "pts", "b_rgb", "b_pts", "cfm", "btf")
 
 
 def extractor_config(preset: str, options: dict) -> ExtractorConfig:
@@ -90,12 +91,17 @@ def cfr_terms(model, feats) -> dict[str, np.ndarray]:
         _, idx = topk_cosine(f_3d, banks.keys, model.retriever.top_k)
         att = model.retriever(f_3d, idx, banks.keys, banks.values)
         nn_val = banks.values[idx[:, 0]]
+        _, idx8 = topk_cosine(f_3d, banks.keys, model.config.scoring.cond_top_k)
+        cand = banks.values[idx8]  # N×k×C: the appearances this geometry had in the shots
+        pick = F.cosine_similarity(cand, f_rgb.unsqueeze(1), dim=-1).argmax(dim=1)
+        cond = cand[torch.arange(len(pick)), pick]
         b_rgb, _ = topk_cosine(f_rgb, banks.rgb, 1)
         b_pts, _ = topk_cosine(f_3d, banks.keys, 1)
         values = {
             "raw": discrepancy(p_rgb, f_rgb),
             "att": discrepancy(att, f_rgb),
             "nn": discrepancy(nn_val, f_rgb),
+            "cond": discrepancy(cond, f_rgb),
             "plaus": 1.0 - sims[:, 0],
             "pts": discrepancy(p_3d, f_3d),
             "b_rgb": 1.0 - b_rgb[:, 0],
@@ -223,6 +229,7 @@ def study_settings(args) -> list[tuple[str, str, dict]]:
 # ----------------------------------------------------------------------------- analysis
 
 PAPER_BLUR = ((5, 1),)
+REPLACING = ("cfr", "cfr-nn", "cfr-cond", "cfr*bank")
 HEAVY_BLUR = ((5, 5), (7, 3))
 
 
@@ -243,6 +250,8 @@ def recipe_map(t: dict, recipe: str, theta: float) -> np.ndarray:
         return replaced(t, theta) * t["pts"]
     if recipe == "cfr-nn":
         return replaced(t, theta, "nn") * t["pts"]
+    if recipe == "cfr-cond":
+        return replaced(t, theta, "cond") * t["pts"]
     if recipe == "noreplace":
         return t["raw"] * t["pts"]
     if recipe == "rgb-term":
