@@ -78,7 +78,7 @@ def cfr_terms(model, feats) -> dict[str, np.ndarray]:
     fg_all = feats.foreground
     out = {
         t: np.zeros(fg_all.shape, np.float32)
-        for t in ("raw", "att", "nn", "plaus", "pts", "b_rgb", "b_pts")
+        for t in ("raw", "att", "nn", "cond", "plaus", "pts", "b_rgb", "b_pts")
     }
     banks = model.banks
     for i in range(len(feats)):
