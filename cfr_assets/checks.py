@@ -1,7 +1,8 @@
 """Blocking checks on the candidate model: a failing one stops deployed_bank in the same run.
 
-Every check carries ``partitions_def``: without it a run for one category would
-load every category's artifact.
+Each check judges the evaluation_report version of its own run (never a
+"latest" pointer) and carries ``partitions_def``: without it a run for one
+category would load every category's artifact.
 """
 
 import math
@@ -9,10 +10,15 @@ import math
 import dagster as dg
 import torch
 
-from cfr_assets.assets.evaluation import candidate, evaluation_report
+from cfr_assets.assets.evaluation import candidate_ref, evaluation_report
 from cfr_assets.partitions import category_partitions
 from cfr_assets.resources import CFRModelSettings, CFRStore
+from cfr_core.io.artifacts import load_model
 from cfr_core.memory.bank import coreset_size
+
+
+def _candidate(context, store: CFRStore):
+    return load_model(candidate_ref(context, store).folder)
 
 
 @dg.asset_check(
@@ -22,7 +28,7 @@ from cfr_core.memory.bank import coreset_size
     description="Every learned tensor (mappers, retriever, banks, standardisation) is finite.",
 )
 def finite_weights(context: dg.AssetCheckExecutionContext, store: CFRStore) -> dg.AssetCheckResult:
-    _, model = candidate(store, context.partition_key)
+    model = _candidate(context, store)
     bad = [name for name, t in model.tensors().items() if not torch.isfinite(t).all()]
     return dg.AssetCheckResult(
         passed=not bad,
@@ -40,7 +46,7 @@ def finite_weights(context: dg.AssetCheckExecutionContext, store: CFRStore) -> d
     ),
 )
 def bank_shape(context: dg.AssetCheckExecutionContext, store: CFRStore) -> dg.AssetCheckResult:
-    _, model = candidate(store, context.partition_key)
+    model = _candidate(context, store)
     dims, cfg = model.dims, model.config
     problems = []
     if model.banks is not None:
@@ -58,7 +64,7 @@ def bank_shape(context: dg.AssetCheckExecutionContext, store: CFRStore) -> dg.As
             problems.append("key and value banks differ in length")
     if model.joint_bank is not None and model.joint_bank.shape[1] != dims["rgb"] + dims["points"]:
         problems.append(f"joint bank has width {model.joint_bank.shape[1]}")
-    if cfg.replacement is not None and model.banks is None:
+    if cfg.needs_banks and model.banks is None:
         problems.append(f"{cfg.method} needs banks but has none")
     sizes = (
         {} if model.banks is None else {k: list(v.shape) for k, v in model.banks.tensors().items()}
@@ -78,8 +84,7 @@ def bank_shape(context: dg.AssetCheckExecutionContext, store: CFRStore) -> dg.As
 def no_regression(
     context: dg.AssetCheckExecutionContext, settings: CFRModelSettings, store: CFRStore
 ) -> dg.AssetCheckResult:
-    _, model = candidate(store, context.partition_key)
-    new = model.extra.get("metrics") or {}
+    new = _candidate(context, store).extra.get("metrics") or {}
     live = store.registry().deployed(context.partition_key)
     if live is None or not live.metrics or not new:
         reason = "first deployment" if live is None else "no metrics to compare"

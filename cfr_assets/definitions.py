@@ -1,25 +1,30 @@
-"""The one place that wires assets, checks, sensors, schedules and resources."""
+"""The one place that wires assets, checks, jobs, sensors, schedules and resources."""
 
 import os
 
 import dagster as dg
 
 from cfr_assets.assets.evaluation import deployed_bank, evaluation_report
+from cfr_assets.assets.library import shot_library
 from cfr_assets.assets.shots import normal_shots
 from cfr_assets.assets.training import (
     attention_retriever,
     crossmodal_mappers,
     memory_banks,
     shot_features,
+    standardisation,
 )
 from cfr_assets.checks import checks
+from cfr_assets.jobs import cfr_job, ingest_job
 from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore, dagster_home
 from cfr_assets.schedules import weekly_refit
-from cfr_assets.sensors import cfr_job, landing_sensor
+from cfr_assets.sensors import landing_sensor, library_sensor
 
 assets = [
+    shot_library,
     normal_shots,
     shot_features,
+    standardisation,
     crossmodal_mappers,
     memory_banks,
     attention_retriever,
@@ -28,32 +33,40 @@ assets = [
 ]
 
 
-def default_resources() -> dict:
+def default_resources(**settings) -> dict:
     """Resources from the environment: CFR_LANDING, CFR_DATASET_ROOT, CFR_STORE, CFR_REGISTRY_URL,
-    CFR_DEVICE (cpu, cuda, cuda:N: where features are extracted and mappers trained).
+    CFR_DEVICE (cpu, cuda, cuda:N: where features are extracted and mappers trained),
+    CFR_LOCK_WAIT (seconds a run waits for its category's lock; default 0).
 
     Unset, everything lives under DAGSTER_HOME, and the demo data (HOME/demo/data,
-    written by `cfr demo`) is the labelled dataset when it exists.
+    written by `cfr demo`) is the labelled dataset when it exists. ``settings``
+    override CFRModelSettings fields.
     """
     demo = dagster_home() / "demo" / "data"
+    store = CFRStore(
+        root=os.environ.get("CFR_STORE", ""),
+        registry_url=os.environ.get("CFR_REGISTRY_URL", ""),
+        lock_wait_seconds=float(os.environ.get("CFR_LOCK_WAIT", "0") or 0),
+    )
     return {
         "data": CFRData(
             landing=os.environ.get("CFR_LANDING", ""),
             dataset_root=os.environ.get("CFR_DATASET_ROOT", str(demo) if demo.is_dir() else ""),
         ),
-        "settings": CFRModelSettings(device=os.environ.get("CFR_DEVICE", "cpu")),
-        "store": CFRStore(
-            root=os.environ.get("CFR_STORE", ""),
-            registry_url=os.environ.get("CFR_REGISTRY_URL", ""),
-        ),
+        "settings": CFRModelSettings(**{"device": os.environ.get("CFR_DEVICE", "cpu"), **settings}),
+        "store": store,
     }
 
 
-defs = dg.Definitions(
-    assets=assets,
-    asset_checks=checks,
-    jobs=[cfr_job],
-    sensors=[landing_sensor],
-    schedules=[weekly_refit],
-    resources=default_resources(),
-)
+def build_definitions(resources: dict) -> dg.Definitions:
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=checks,
+        jobs=[cfr_job, ingest_job],
+        sensors=[landing_sensor, library_sensor],
+        schedules=[weekly_refit],
+        resources=resources,
+    )
+
+
+defs = build_definitions(default_resources())

@@ -1,9 +1,11 @@
 """The main job on the embedded default: synthetic data → landing folders → every asset → deployed banks.
 
-Runs in-process against the persistent Dagster instance in DAGSTER_HOME, so the
-runs, materializations and check results it produces are what `dagster dev`
-then shows.
+Runs ``cfr_category_job`` in-process against the persistent Dagster instance in
+DAGSTER_HOME, once per category, so the runs, materializations and check
+results it produces are what `dagster dev` then shows (under the job's name).
 """
+
+from __future__ import annotations
 
 import os
 import shutil
@@ -12,10 +14,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from cfr_assets.checks import checks
-from cfr_assets.definitions import assets
-from cfr_assets.partitions import CATEGORY_TAG, category_partitions
-from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore
+from cfr_assets.definitions import default_resources
+from cfr_assets.resources import CFRData
+from cfr_assets.runner import run_category
 from cfr_core.audit import audit
 from cfr_core.data.mvtec import index_category
 from cfr_core.data.synth import SynthConfig, generate
@@ -27,11 +28,13 @@ REPO_INSTANCE_YAML = Path(__file__).resolve().parents[1] / "dagster_home" / "dag
 class DemoRow:
     category: str
     success: bool
+    status: str
     version: int | None
     image_auroc: float | None
     aupro_30: float | None
     threshold: float | None
     audit_ok: bool
+    message: str = ""
 
 
 def prepare_home(home: Path) -> None:
@@ -48,21 +51,6 @@ def fill_landing(data_root: Path, landing: Path, categories: list[str]) -> None:
         for s in index_category(data_root, cat).split("train"):
             shutil.copyfile(s.rgb_path, target / f"{cat}_{s.stem}.png")
             shutil.copyfile(s.xyz_path, target / f"{cat}_{s.stem}.tiff")
-
-
-def materialize_category(
-    category: str, instance: dg.DagsterInstance, resources: dict, log_level: str = "DEBUG"
-) -> dg.ExecuteInProcessResult:
-    """Every asset and check of one category partition, in process, tagged for the run queue."""
-    return dg.materialize(
-        [*assets, *checks],
-        partition_key=category,
-        instance=instance,
-        resources=resources,
-        tags={CATEGORY_TAG: category},
-        raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-    )
 
 
 def run_demo(
@@ -85,32 +73,29 @@ def run_demo(
     landing = home / "landing"
     fill_landing(data_root, landing, list(synth.categories))
     log(f"dropped the train/good scans into {landing}/<category>/")
-    resources = {
-        "data": CFRData(landing=str(landing), dataset_root=str(data_root)),
-        "settings": CFRModelSettings(shots=shots, epochs=epochs, grid=grid),
-        "store": CFRStore(root=str(home / "artifacts")),
-    }
+    resources = default_resources(shots=shots, epochs=epochs, grid=grid)
+    resources["data"] = CFRData(landing=str(landing), dataset_root=str(data_root))
     rows = []
     with dg.DagsterInstance.get() as instance:
-        known = set(instance.get_dynamic_partitions(category_partitions.name))
-        new = [c for c in synth.categories if c not in known]
-        if new:
-            instance.add_dynamic_partitions(category_partitions.name, new)
         registry = resources["store"].registry()
         for cat in synth.categories:
-            log(f"materializing every asset of {cat} ...")
-            result = materialize_category(cat, instance, resources)
+            log(f"running cfr_category_job for {cat} ...")
+            outcome = run_category(cat, instance, resources)
+            if not outcome.success:
+                log(f"{cat}: {outcome.message}")
             record = registry.deployed(cat)
             metrics = (record.metrics or {}) if record else {}
             rows.append(
                 DemoRow(
                     category=cat,
-                    success=result.success,
+                    success=outcome.success,
+                    status=outcome.status,
                     version=record.version if record else None,
                     image_auroc=metrics.get("image_auroc"),
                     aupro_30=(metrics.get("aupro") or {}).get("0.3"),
                     threshold=record.threshold if record else None,
-                    audit_ok=bool(record) and audit(record).ok,
+                    audit_ok=bool(record) and audit(record, registry).ok,
+                    message=outcome.message,
                 )
             )
     return rows

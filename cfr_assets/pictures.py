@@ -39,9 +39,11 @@ def loss_plot(history: dict[str, list[float]]) -> Image.Image:
 
 
 def gallery(tiles: list[np.ndarray], columns: int = 4) -> np.ndarray:
-    """Tile equally sized uint8 pictures into one."""
+    """Tile equally sized uint8 pictures into one, as wide as the tiles need (no blank tiles
+    for fewer than ``columns`` pictures)."""
     if not tiles:
         return np.zeros((8, 8, 3), np.uint8)
+    columns = max(1, min(columns, len(tiles)))
     h, w = tiles[0].shape[:2]
     rows = -(-len(tiles) // columns)
     sheet = np.zeros((rows * h, columns * w, 3), np.uint8)
@@ -49,3 +51,27 @@ def gallery(tiles: list[np.ndarray], columns: int = 4) -> np.ndarray:
         r, c = divmod(i, columns)
         sheet[r * h : (r + 1) * h, c * w : (c + 1) * w] = t
     return sheet
+
+
+def loss_table(history: dict[str, list[float]], points: int = 10) -> dg.MetadataValue:
+    """Loss curves as a table the UI shows without a click (every n-th epoch and the last)."""
+    records = []
+    longest = max((len(v) for v in history.values()), default=0)
+    step = max(1, longest // points)
+    for epoch in sorted({*range(step, longest + 1, step), longest} - {0}):
+        row = {"epoch": epoch}
+        for stage, losses in history.items():
+            if epoch <= len(losses):
+                row[f"{stage} loss"] = round(float(losses[epoch - 1]), 5)
+        records.append(dg.TableRecord(row))
+    columns = [dg.TableColumn("epoch", "int")] + [
+        dg.TableColumn(f"{stage} loss", "float") for stage in history
+    ]
+    return dg.MetadataValue.table(records, dg.TableSchema(columns=columns))
+
+
+def save_png(picture: np.ndarray | Image.Image, path) -> str:
+    """Write a picture next to the artifacts (the UI links the path) and return the path."""
+    img = picture if isinstance(picture, Image.Image) else Image.fromarray(picture)
+    img.save(path, format="PNG")
+    return str(path)

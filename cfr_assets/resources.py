@@ -6,19 +6,20 @@ Every path defaults to a folder under DAGSTER_HOME, so the embedded default
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from cfr_core.config import ExtractorConfig, FitConfig
-from cfr_core.data.io import atomic_folder, sha256_file
+from cfr_assets.partitions import PARTITION_TAG
+from cfr_core.config import DEFAULT_EXTRACTORS, ExtractorConfig, FitConfig
 from cfr_core.data.landing import ShotLibrary
-from cfr_core.io.artifacts import content_hash
+from cfr_core.io.stages import StageRef, StageStore
+from cfr_core.paths import check_name
 from cfr_core.registry import BankRegistry, default_url
 
 
@@ -44,21 +45,25 @@ class CFRData(dg.ConfigurableResource):
     def dataset(self) -> Path | None:
         return Path(self.dataset_root) if self.dataset_root else None
 
+    def has_split(self, category: str, split: str) -> bool:
+        root = self.dataset()
+        return root is not None and (root / check_name(category) / split).is_dir()
+
 
 class CFRModelSettings(dg.ConfigurableResource):
-    """How a category's detector is fitted (defaults: the paper's CFR, offline extractors)."""
+    """How a category's detector is fitted (defaults: CFR on the default extractor preset)."""
 
     method: str = "cfr"
     shots: int = 4
     fewshot_seed: int = 42
-    extractors: str = "offline"  # or "paper"
+    extractors: str = DEFAULT_EXTRACTORS  # lite, offline or paper
     rgb_weights: str = ""
     points_weights: str = ""
     grid: int = 224
     epochs: int = 100
-    theta: float = 0.4
+    theta: float | None = None  # None: "auto" (calibrated from the shots), or the paper's 0.4
     tolerance: float = (
-        0.02  # a new model may be this much worse (I-AUROC, AUPRO@30%) than the deployed one
+        0.02  # a new model may be this much worse (I-AUROC, AUPRO@30%) than the live one
     )
     quality_gate: bool = True
     device: str = "cpu"  # feature extraction and mapper training: cpu, cuda, cuda:N
@@ -81,19 +86,41 @@ class CFRModelSettings(dg.ConfigurableResource):
         cfg = FitConfig.for_method(
             self.method, shots=shots or self.shots, fewshot_seed=self.fewshot_seed, extractors=ex
         )
+        scoring = cfg.scoring if self.theta is None else replace(cfg.scoring, theta=self.theta)
         return replace(
             cfg,
             mappers=replace(cfg.mappers, epochs=self.epochs),
             retriever=replace(cfg.retriever, epochs=self.epochs),
-            scoring=replace(cfg.scoring, theta=self.theta),
+            scoring=scoring,
         )
 
 
 class CFRStore(dg.ConfigurableResource):
-    """Outputs: stage artifacts and the shot library on disk, deployments in SQL."""
+    """Outputs: stage artifacts and the shot library on disk, deployments in SQL.
+
+    In a run, the store also holds the run's **category lock** from the first
+    step to the last. The lock lives in the registry's database (a PostgreSQL
+    advisory lock, or a file lock next to a SQLite registry), so it serialises
+    runs of one category whatever started them: the daemon's queue,
+    `cfr pipeline run`, `cfr demo`, or a second machine sharing the database.
+    A second run waits up to ``lock_wait_seconds``, then fails with a message
+    naming the run that holds the lock.
+    """
 
     root: str = ""
     registry_url: str = ""
+    lock_wait_seconds: float = 0.0
+
+    @contextlib.contextmanager
+    def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator[CFRStore]:
+        run = context.run
+        category = run.tags.get(PARTITION_TAG) if run is not None else None
+        if not category:
+            yield self
+            return
+        holder = f"run {run.run_id[:8]} ({run.job_name})"
+        with self.registry().category_lock(category, holder, self.lock_wait_seconds):
+            yield self
 
     def base(self) -> Path:
         return Path(self.root) if self.root else dagster_home() / "artifacts"
@@ -107,40 +134,20 @@ class CFRStore(dg.ConfigurableResource):
     def feature_cache(self) -> Path:
         return self.base() / "feature-cache"
 
-    def stage_pointer(self, category: str, stage: str) -> Path:
-        return self.base() / "stages" / category / stage / "latest.json"
+    def stages(self) -> StageStore:
+        return StageStore(self.base())
 
-    def write_stage(self, category: str, stage: str, writer) -> dict[str, Any]:
-        """Run ``writer(folder)`` into a fresh version folder; point ``latest`` at it.
+    def write_stage(
+        self,
+        category: str,
+        stage: str,
+        inputs: dict[str, str],
+        config: dict[str, Any],
+        writer: Callable[[Path], None],
+    ) -> StageRef:
+        """A new content-addressed version of ``stage`` (see cfr_core.io.stages)."""
+        return self.stages().write(category, stage, inputs, config, writer)
 
-        The folder is named after the content hash of what was written, so equal
-        results share a version; the pointer is replaced atomically.
-        """
-        parent = self.base() / "stages" / category / stage
-        staging = parent / "incoming"
-        with atomic_folder(staging, overwrite=True) as tmp:
-            writer(tmp)
-        files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
-        version = content_hash(files)
-        final = parent / version[:16]
-        if final.exists():
-            shutil.rmtree(staging)
-        else:
-            staging.rename(final)
-        pointer = {
-            "version": version,
-            "folder": str(final),
-            "files": {n: [str(final / n), h] for n, h in files.items()},
-        }
-        tmp_ptr = self.stage_pointer(category, stage).with_suffix(".tmp")
-        tmp_ptr.write_text(json.dumps(pointer, indent=2) + "\n")
-        os.replace(tmp_ptr, self.stage_pointer(category, stage))
-        return pointer
-
-    def read_stage(self, category: str, stage: str) -> dict[str, Any]:
-        path = self.stage_pointer(category, stage)
-        if not path.exists():
-            raise dg.Failure(
-                f"stage {stage!r} of {category!r} has no output yet; materialize it first ({path})"
-            )
-        return json.loads(path.read_text())
+    def open_stage(self, category: str, stage: str, version: str) -> StageRef:
+        """The stage version ``version``, re-hashed before use."""
+        return self.stages().open(category, stage, version)

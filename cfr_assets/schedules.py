@@ -1,20 +1,24 @@
 """Scheduled re-fit of every category (a fan-out of run requests).
 
 ``build_schedule_from_partitioned_job`` rejects dynamic partitions, so the
-schedule lists the partitions itself.
+schedule lists the partitions itself. Off by default: turn it on in the UI
+(Automation → weekly_refit) or with `dagster schedule start weekly_refit`. A
+re-fit whose inputs, config, code and weights equal the deployed model's
+registers nothing new.
 """
 
 import dagster as dg
 
+from cfr_assets.jobs import cfr_job
 from cfr_assets.partitions import CATEGORY_TAG, category_partitions
-from cfr_assets.sensors import cfr_job
 
 
 @dg.schedule(
     job=cfr_job,
     cron_schedule="0 3 * * 0",
     execution_timezone="UTC",
-    description="Every Sunday 03:00 UTC: re-fit every category from its current shots.",
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+    description="Every Sunday 03:00 UTC: re-fit every category from its current shot library.",
 )
 def weekly_refit(context: dg.ScheduleEvaluationContext):
     categories = context.instance.get_dynamic_partitions(category_partitions.name)

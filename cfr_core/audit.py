@@ -1,9 +1,21 @@
-"""Audit a deployment: re-hash every file it depends on and walk its lineage.
+"""Audit a deployment: derive everything it depends on, re-hash it, and compare.
 
-For a registry row: the model folder must match its manifest and the row's
-model hash; every stage artifact and every shot file must still hash to what
-was recorded; and the model's own record (shots, extractor ids, config,
-threshold) must agree with the row. Any mismatch fails the audit.
+What must exist is derived, never read from the registry row's own list:
+
+1. the registry's rows and deploy log still match their hash chains;
+2. the model folder matches its manifest (every file listed, none extra) and the
+   row's model hash;
+3. model.json's ``lineage`` names a version of every training stage
+   (:data:`cfr_core.io.stages.TRAINING_STAGES`); each version folder still hashes
+   to its name, holds the files that stage writes, and its ``stage.json`` names
+   exactly the upstream versions of the same lineage;
+4. every shot file recorded by ``normal_shots`` still hashes to its sha256, and
+   the model and the features were built from those shots;
+5. the row's shots, extractors, config, threshold and metrics equal the model's,
+   and the row's artifact list equals the derived lineage.
+
+Any mismatch fails the audit. What it cannot prove: that nobody rewrote the
+files *and* recomputed every hash *and* the whole registry chain consistently.
 """
 
 from __future__ import annotations
@@ -13,40 +25,166 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cfr_core.data.io import sha256_file
+from cfr_core.engine.model import ShotRecord
 from cfr_core.errors import CFRError
-from cfr_core.io.artifacts import MODEL_JSON, verify_model
-from cfr_core.registry import DeploymentRecord
+from cfr_core.io.artifacts import MODEL_JSON, read_json, verify_model
+from cfr_core.io.stages import (
+    MODEL_STAGE,
+    REPORT_JSON,
+    STAGE_FILES,
+    STAGE_JSON,
+    TRAINING_STAGES,
+    UPSTREAM,
+    StageStore,
+    folder_hash,
+)
+from cfr_core.registry import BankRegistry, DeploymentRecord
+
+Check = tuple[str, bool, str]
 
 
 @dataclass
 class AuditReport:
     category: str
     version: int
-    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return all(ok for _, ok, _ in self.checks)
+        return bool(self.checks) and all(ok for _, ok, _ in self.checks)
 
     def add(self, what: str, ok: bool, detail: str = "") -> None:
         self.checks.append((what, ok, detail))
 
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c[1]]
 
-def _file_check(report: AuditReport, what: str, path: str, expected: str) -> None:
+
+def _file_check(what: str, path: str | Path, expected: str) -> Check:
     p = Path(path)
-    if not p.is_file():
-        report.add(what, False, f"{p}: missing")
-        return
+    if p.is_symlink() or not p.is_file():
+        return what, False, f"{p}: missing"
     got = sha256_file(p)
-    report.add(
-        what,
-        got == expected,
-        f"{p}: " + ("ok" if got == expected else f"sha256 {got[:12]} != recorded {expected[:12]}"),
+    ok = got == expected
+    return what, ok, f"{p}: " + ("ok" if ok else f"sha256 {got[:12]} != recorded {expected[:12]}")
+
+
+def _shot_fields(shots: list[dict]) -> list[dict]:
+    names = ShotRecord.__dataclass_fields__
+    return [{k: s.get(k) for k in names} for s in shots]
+
+
+def lineage_checks(stages: StageStore, category: str, model_folder: str | Path) -> list[Check]:
+    """Checks of the chain model → stage versions → shot files (see the module docstring)."""
+    checks: list[Check] = []
+    folder = Path(model_folder)
+    try:
+        meta = read_json(folder / MODEL_JSON, "model.json")
+    except CFRError as exc:
+        return [("model.json readable", False, str(exc))]
+    lineage = meta.get("lineage")
+    if not isinstance(lineage, dict):
+        return [("model names its stage versions", False, f"{folder / MODEL_JSON}: no lineage")]
+    expected_folder = stages.folder(category, MODEL_STAGE, folder_hash(folder))
+    checks.append(
+        (
+            "model folder is the evaluation_report version it claims",
+            expected_folder.resolve() == folder.resolve(),
+            str(folder),
+        )
     )
+    refs = {}
+    for stage in TRAINING_STAGES:
+        version = lineage.get(stage)
+        if not isinstance(version, str):
+            checks.append((f"stage {stage} in the lineage", False, "missing"))
+            continue
+        try:
+            ref = stages.open(category, stage, version)
+        except CFRError as exc:
+            checks.append((f"stage {stage} intact", False, str(exc)))
+            continue
+        refs[stage] = ref
+        missing = [n for n in (*STAGE_FILES[stage], STAGE_JSON) if not ref.file(n).is_file()]
+        checks.append(
+            (
+                f"stage {stage} intact",
+                not missing,
+                f"{ref.folder}" + (f": lacks {missing}" if missing else ""),
+            )
+        )
+    for stage, ref in {**refs, MODEL_STAGE: None}.items():
+        path = (ref.folder if ref else folder) / STAGE_JSON
+        try:
+            stage_json = read_json(path, "stage.json", ("stage", "category", "inputs"))
+        except CFRError as exc:
+            checks.append((f"stage {stage} lineage", False, str(exc)))
+            continue
+        want = {u: lineage.get(u) for u in UPSTREAM[stage]}
+        ok = (
+            stage_json["stage"] == stage
+            and stage_json["category"] == category
+            and stage_json["inputs"] == want
+        )
+        checks.append((f"stage {stage} built from the same lineage", ok, str(path)))
+    if "normal_shots" in refs:
+        try:
+            shots = refs["normal_shots"].json("shots.json")["shots"]
+        except (CFRError, KeyError) as exc:
+            return [*checks, ("shots.json readable", False, str(exc))]
+        for shot in shots:
+            checks.append(
+                _file_check(f"shot {shot.get('key')} rgb", shot["rgb_path"], shot["rgb_sha256"])
+            )
+            checks.append(
+                _file_check(f"shot {shot.get('key')} xyz", shot["xyz_path"], shot["xyz_sha256"])
+            )
+        checks.append(
+            (
+                "model shots = normal_shots",
+                _shot_fields(meta.get("shots", [])) == _shot_fields(shots),
+                "",
+            )
+        )
+        if "shot_features" in refs:
+            try:
+                feat_shots = refs["shot_features"].json("features.json").get("shots", [])
+                checks.append(
+                    (
+                        "features built from these shots",
+                        _shot_fields(feat_shots) == _shot_fields(shots),
+                        "",
+                    )
+                )
+            except CFRError as exc:
+                checks.append(("features built from these shots", False, str(exc)))
+    return checks
 
 
-def audit(record: DeploymentRecord) -> AuditReport:
+def verify_lineage(stages: StageStore, category: str, model_folder: str | Path) -> list[str]:
+    """The failed lineage checks as lines (empty when the chain is intact)."""
+    return [
+        f"{what}: {detail}"
+        for what, ok, detail in lineage_checks(stages, category, model_folder)
+        if not ok
+    ]
+
+
+def store_of(model_path: str | Path) -> StageStore:
+    """The stage store a pipeline model folder lives in (<base>/stages/<cat>/<stage>/<version>)."""
+    return StageStore(Path(model_path).parents[3])
+
+
+def audit(record: DeploymentRecord, registry: BankRegistry | None = None) -> AuditReport:
     report = AuditReport(record.category, record.version)
+    if registry is not None:
+        problems = registry.verify()
+        report.add(
+            "registry rows and deploy log match their hash chains",
+            not problems,
+            "; ".join(problems),
+        )
     try:
         digest = verify_model(record.model_path)
         report.add("model folder matches its manifest", True, record.model_path)
@@ -58,16 +196,51 @@ def audit(record: DeploymentRecord) -> AuditReport:
     except CFRError as exc:
         report.add("model folder matches its manifest", False, str(exc))
         return report
-    for name, (path, sha) in sorted(record.artifact_hashes.items()):
-        _file_check(report, f"artifact {name}", path, sha)
-    for shot in record.shot_hashes:
-        _file_check(report, f"shot {shot['key']} rgb", shot["rgb_path"], shot["rgb_sha256"])
-        _file_check(report, f"shot {shot['key']} xyz", shot["xyz_path"], shot["xyz_sha256"])
     meta = json.loads((Path(record.model_path) / MODEL_JSON).read_text())
-    report.add("model shots = registry shots", meta["shots"] == record.shot_hashes)
+    for what, ok, detail in lineage_checks(
+        store_of(record.model_path), record.category, record.model_path
+    ):
+        report.add(what, ok, detail)
+    report.add("model category = registry category", meta.get("category") == record.category)
     report.add(
-        "model extractors = registry extractors", meta["extractor_ids"] == record.extractor_ids
+        "model shots = registry shots",
+        _shot_fields(meta.get("shots", [])) == _shot_fields(record.shot_hashes),
     )
-    report.add("model config = registry config", meta["config"] == record.method_config)
+    report.add(
+        "model extractors = registry extractors", meta.get("extractor_ids") == record.extractor_ids
+    )
+    report.add("model config = registry config", meta.get("config") == record.method_config)
     report.add("model threshold = registry threshold", meta.get("threshold") == record.threshold)
+    metrics = (meta.get("extra") or {}).get("metrics") or {}
+    report.add(
+        "model metrics = registry metrics",
+        json.loads(json.dumps(metrics)) == (record.metrics or {}),
+    )
+    try:
+        rep = read_json(Path(record.model_path) / REPORT_JSON, "report.json")
+        report.add(
+            "evaluation report = registry metrics and threshold",
+            (rep.get("metrics") or {}) == (record.metrics or {})
+            and rep.get("threshold") == record.threshold,
+        )
+    except CFRError as exc:
+        report.add("evaluation report = registry metrics and threshold", False, str(exc))
+    derived = {s: (meta.get("lineage") or {}).get(s) for s in TRAINING_STAGES} | {
+        MODEL_STAGE: folder_hash(Path(record.model_path))
+    }
+    report.add(
+        "registry artifact list = the derived lineage",
+        record.artifact_hashes == derived,
+        ""
+        if record.artifact_hashes == derived
+        else f"registry lists {sorted(record.artifact_hashes)}",
+    )
     return report
+
+
+def audit_all(registry: BankRegistry) -> list[AuditReport]:
+    """The deployed version of every category (the registry's chains are checked in each)."""
+    return [audit(rec, registry) for c in registry.categories() if (rec := registry.deployed(c))]
+
+
+__all__ = ["AuditReport", "audit", "audit_all", "lineage_checks", "verify_lineage"]

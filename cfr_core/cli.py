@@ -298,12 +298,13 @@ def demo(
         home, size, seed, cats, shots, epochs, grid, log=lambda m: click.echo(m, err=True)
     )
     click.echo(
-        f"\n{'category':<10}{'run':>6}{'version':>9}{'I-AUROC':>9}{'AUPRO@30%':>11}{'threshold':>11}  audit"
+        f"\n{'category':<10}{'run':>11}{'version':>9}{'I-AUROC':>9}{'AUPRO@30%':>11}"
+        f"{'threshold':>11}  audit"
     )
     for r in rows:
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         click.echo(
-            f"{r.category:<10}{'ok' if r.success else 'FAIL':>6}{r.version or '-':>9}{fmt(r.image_auroc):>9}"
+            f"{r.category:<10}{r.status:>11}{r.version or '-':>9}{fmt(r.image_auroc):>9}"
             f"{fmt(r.aupro_30):>11}{fmt(r.threshold):>11}  {'ok' if r.audit_ok else 'FAILED'}"
         )
     click.echo(
@@ -313,6 +314,9 @@ def demo(
         f"UI:        DAGSTER_HOME={home.resolve()} dagster dev -w workspace.yaml   (or: make ui)"
     )
     if not all(r.success and r.audit_ok for r in rows):
+        for r in rows:
+            if not r.success:
+                click.secho(f"{r.category}: {r.message}", fg="red", err=True)
         click.secho("FAILED: not every category was deployed and audited", fg="red", bold=True)
         sys.exit(1)
     click.secho("OK: every demo category deployed and audited", bold=True)

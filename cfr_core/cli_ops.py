@@ -1,4 +1,5 @@
-"""``cfr registry``, ``cfr audit`` and ``cfr shots``: what is deployed, is it intact, what was quarantined."""
+"""``cfr registry``, ``cfr audit``, ``cfr shots`` and ``cfr pipeline``: what is deployed, is it
+intact, what was quarantined, and one category's rebuild through Dagster."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import click
 
 from cfr_core.cli import DEFAULT_HOME, _fail_cleanly, main
+from cfr_core.paths import check_content_id, check_name
 
 
 def _registry(home: Path, url: str | None):
@@ -18,15 +20,27 @@ def _registry(home: Path, url: str | None):
     return BankRegistry(url or os.environ.get("CFR_REGISTRY_URL") or default_url(home))
 
 
+def _library(home: Path, store: Path | None):
+    from cfr_core.data.landing import ShotLibrary
+
+    root = store or (Path(os.environ["CFR_STORE"]) if os.environ.get("CFR_STORE") else None)
+    return ShotLibrary((root or home / "artifacts") / "shots")
+
+
 HOME_OPTION = click.option(
     "--home",
     type=click.Path(path_type=Path),
     default=DEFAULT_HOME,
     show_default=True,
-    help="Dagster home holding registry.db.",
+    help="Dagster home holding registry.db and artifacts/ (env DAGSTER_HOME).",
 )
 URL_OPTION = click.option(
     "--registry-url", help="SQLAlchemy URL (default: sqlite in HOME; env CFR_REGISTRY_URL)."
+)
+STORE_OPTION = click.option(
+    "--store",
+    type=click.Path(path_type=Path),
+    help="Artifact store (default HOME/artifacts; env CFR_STORE).",
 )
 
 
@@ -43,7 +57,7 @@ def registry() -> None:
 @_fail_cleanly
 def registry_list(home: Path, registry_url: str | None, category: str | None, as_json: bool):
     """Every registered version; the deployed one is marked with *."""
-    rows = _registry(home, registry_url).list(category)
+    rows = _registry(home, registry_url).list(check_name(category) if category else None)
     if as_json:
         click.echo(json.dumps([r.to_json() for r in rows], indent=2))
         return
@@ -65,33 +79,52 @@ def registry_list(home: Path, registry_url: str | None, category: str | None, as
 @URL_OPTION
 @_fail_cleanly
 def registry_rollback(category: str, version: int, home: Path, registry_url: str | None):
-    """Point CATEGORY back at an earlier VERSION (one transaction)."""
-    rec = _registry(home, registry_url).rollback(category, version)
+    """Point CATEGORY back at an earlier VERSION (one transaction, logged in the deploy log)."""
+    rec = _registry(home, registry_url).rollback(check_name(category), version)
     click.echo(f"{category}: version {rec.version} is deployed ({rec.model_hash[:12]})")
 
 
-@main.command("audit")
-@click.argument("category")
-@click.option("--version", type=int, help="Default: the deployed version.")
-@HOME_OPTION
-@URL_OPTION
-@_fail_cleanly
-def audit_cmd(category: str, version: int | None, home: Path, registry_url: str | None):
-    """Re-hash a deployment's model, stage artifacts and shot files; walk its lineage.
-
-    Exits 1 on any mismatch.
-    """
-    from cfr_core.audit import audit
-
-    report = audit(_registry(home, registry_url).get(category, version))
+def _print_report(report) -> None:
     for what, ok, detail in report.checks:
         click.secho(
             f"{'ok  ' if ok else 'FAIL'} {what}" + (f"  ({detail})" if detail else ""),
             fg=None if ok else "red",
         )
     verdict = "PASSED" if report.ok else "FAILED"
-    click.secho(f"audit {verdict}: {category} version {report.version}", bold=True)
-    sys.exit(0 if report.ok else 1)
+    click.secho(f"audit {verdict}: {report.category} version {report.version}", bold=True)
+
+
+@main.command("audit")
+@click.argument("category", required=False)
+@click.option("--version", type=int, help="Default: the deployed version.")
+@click.option("--all", "every", is_flag=True, help="Audit the deployed version of every category.")
+@HOME_OPTION
+@URL_OPTION
+@_fail_cleanly
+def audit_cmd(
+    category: str | None, version: int | None, every: bool, home: Path, registry_url: str | None
+):
+    """Derive everything a deployment depends on, re-hash it, and compare.
+
+    Checks the registry's hash chains, the model folder against its manifest and
+    the registry's model hash, every stage version named by the model's lineage
+    (bytes, files, upstream versions), every shot file, and that the row's shots,
+    extractors, config, threshold and metrics equal the model's. Exits 1 on any
+    mismatch.
+    """
+    from cfr_core.audit import audit, audit_all
+
+    reg = _registry(home, registry_url)
+    if every == bool(category):
+        raise click.UsageError("give a CATEGORY or --all")
+    reports = audit_all(reg) if every else [audit(reg.get(check_name(category), version), reg)]
+    if every and not reports:
+        problems = reg.verify()
+        click.echo("no deployments" + (f"; registry problems: {problems}" if problems else ""))
+        sys.exit(1 if problems else 0)
+    for report in reports:
+        _print_report(report)
+    sys.exit(0 if all(r.ok for r in reports) else 1)
 
 
 @main.group()
@@ -101,16 +134,15 @@ def shots() -> None:
 
 @shots.command("quarantine")
 @HOME_OPTION
-@click.option(
-    "--store", type=click.Path(path_type=Path), help="Artifact store (default HOME/artifacts)."
-)
+@STORE_OPTION
 @click.option("--category", "-c")
 @_fail_cleanly
 def shots_quarantine(home: Path, store: Path | None, category: str | None):
-    """List quarantined scans with their score and reason."""
-    from cfr_core.data.landing import ShotLibrary
-
-    for q in ShotLibrary((store or home / "artifacts") / "shots").quarantine_list(category):
+    """List quarantined scans: category, id, the file the operator dropped, score and reason."""
+    entries = _library(home, store).quarantine_list(check_name(category) if category else None)
+    if not entries:
+        click.echo("the quarantine is empty")
+    for q in entries:
         click.echo(
             f"{q['category']:<12}{q['content_id']}  {q.get('name', '')}: {q.get('reason', '')}"
         )
@@ -120,13 +152,78 @@ def shots_quarantine(home: Path, store: Path | None, category: str | None):
 @click.argument("category")
 @click.argument("content_id")
 @HOME_OPTION
-@click.option(
-    "--store", type=click.Path(path_type=Path), help="Artifact store (default HOME/artifacts)."
-)
+@STORE_OPTION
 @_fail_cleanly
 def shots_release(category: str, content_id: str, home: Path, store: Path | None):
-    """A person confirmed the quarantined scan CONTENT_ID is good: add it to the library."""
-    from cfr_core.data.landing import ShotLibrary
+    """A person confirmed the quarantined scan CONTENT_ID is good: add it to the library.
 
-    dst = ShotLibrary((store or home / "artifacts") / "shots").release(category, content_id)
-    click.echo(f"released into the library: {dst}; the next run of {category} uses it")
+    The shot library changes, so the rebuild sensor starts a rebuild of CATEGORY
+    on its next tick (with `dagster dev` or the daemon running); without them,
+    run `cfr pipeline run CATEGORY`.
+    """
+    dst = _library(home, store).release(check_name(category), check_content_id(content_id))
+    click.echo(
+        f"released into the library: {dst}\n"
+        f"the rebuild sensor starts a rebuild of {category} on its next tick; "
+        f"without dagster running: cfr pipeline run {category}"
+    )
+
+
+@main.group()
+def pipeline() -> None:
+    """Run the Dagster pipeline for one category from the command line."""
+
+
+@pipeline.command("run")
+@click.argument("category")
+@click.option("--epochs", type=click.IntRange(1), help="Mapper and retriever epochs (default 100).")
+@click.option("--shots", type=click.IntRange(1), help="Shots per category (default 4).")
+@click.option(
+    "--wait",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds to wait for the category lock when another run holds it.",
+)
+@click.option("--ingest-only", is_flag=True, help="Only ingest new landing scans (cfr_ingest_job).")
+@HOME_OPTION
+@_fail_cleanly
+def pipeline_run(
+    category: str,
+    epochs: int | None,
+    shots: int | None,
+    wait: float,
+    ingest_only: bool,
+    home: Path,
+):
+    """Run cfr_category_job for CATEGORY on the Dagster instance in HOME.
+
+    Ingests new landing scans (quality-gated), rebuilds every stage, runs the
+    blocking checks and deploys, exactly like a run the sensor starts; the run
+    appears in the UI. Holds the category lock: a second run of the category
+    waits up to --wait seconds, then exits with a message naming the run that
+    holds it. Exits 1 when the run fails.
+    """
+    import dagster as dg
+
+    from cfr_assets.demo import prepare_home
+
+    check_name(category)
+    home = home.resolve()
+    prepare_home(home)
+    os.environ["DAGSTER_HOME"] = str(home)
+    os.environ["CFR_LOCK_WAIT"] = str(wait)
+    from cfr_assets.definitions import default_resources
+    from cfr_assets.runner import run_category
+
+    overrides = {k: v for k, v in {"epochs": epochs, "shots": shots}.items() if v is not None}
+    with dg.DagsterInstance.get() as instance:
+        outcome = run_category(
+            category,
+            instance,
+            default_resources(**overrides),
+            job="cfr_ingest_job" if ingest_only else "cfr_category_job",
+        )
+    click.echo(f"run {outcome.run_id}: {category} {outcome.message}")
+    if not outcome.success:
+        sys.exit(1)

@@ -27,6 +27,8 @@ EXTRACTOR_PRESETS: dict[str, tuple[str, str]] = {
     "offline": ("color_texture", "fpfh"),
     "paper": ("dino_vit", "point_mae"),
 }
+#: the preset that `cfr fit`, `cfr demo`, the pipeline and the benches use unless told otherwise
+DEFAULT_EXTRACTORS = "offline"
 #: training-free extractors: per-pixel features, noisier than 28×28 ViT patches
 OFFLINE_EXTRACTORS = frozenset({"color_texture", "fpfh"})
 PAPER_BLUR = ((5, 1),)

@@ -1,4 +1,8 @@
-"""The Dagster pipeline: definitions, assets, checks, sensor, schedule, registry, audit, UI."""
+"""The Dagster pipeline: definitions, assets, checks, sensors, schedule, registry, audit, UI.
+
+The module-scoped ``home`` is a Dagster home where `cfr demo` deployed dome and
+ribbed with tiny settings; tests that change it clean up after themselves.
+"""
 
 import datetime as dt
 import json
@@ -13,21 +17,35 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import torch
 from click.testing import CliRunner
 
-from cfr_assets.definitions import defs
-from cfr_assets.demo import materialize_category
+from cfr_assets.definitions import default_resources, defs
 from cfr_assets.partitions import CATEGORY_TAG, category_partitions
-from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore
+from cfr_assets.resources import CFRData, CFRStore
+from cfr_assets.runner import run_category
 from cfr_assets.schedules import weekly_refit
-from cfr_assets.sensors import landing_sensor
+from cfr_assets.sensors import landing_sensor, library_sensor
 from cfr_core.audit import audit
 from cfr_core.cli import main
+from cfr_core.data.landing import scan_landing
 from cfr_core.data.mvtec import index_category
-from cfr_core.registry import BankRegistry, RegistryError
+from cfr_core.io.artifacts import load_model
+from cfr_core.registry import BankRegistry
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"shots": 2, "epochs": 3, "grid": 32}
+ASSETS = [
+    "shot_library",
+    "normal_shots",
+    "shot_features",
+    "standardisation",
+    "crossmodal_mappers",
+    "memory_banks",
+    "attention_retriever",
+    "evaluation_report",
+    "deployed_bank",
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,125 +68,188 @@ def _v(meta):
 
 
 def resources(home: Path, **settings) -> dict:
-    return {
-        "data": CFRData(landing=str(home / "landing"), dataset_root=str(home / "demo" / "data")),
-        "settings": CFRModelSettings(**{**TINY, **settings}),
-        "store": CFRStore(root=str(home / "artifacts")),
-    }
+    os.environ["DAGSTER_HOME"] = str(home)
+    res = default_resources(**{**TINY, **settings})
+    res["data"] = CFRData(landing=str(home / "landing"), dataset_root=str(home / "demo" / "data"))
+    return res
 
 
-def test_definitions_load():
+def registry_of(home: Path) -> BankRegistry:
+    return BankRegistry(f"sqlite:///{home / 'registry.db'}")
+
+
+def run(home: Path, category: str, **settings):
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        return run_category(category, instance, resources(home, **settings), log_level="WARNING")
+
+
+def test_definitions_load_with_groups_kinds_owners_and_descriptions():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {
-        "normal_shots",
-        "shot_features",
-        "crossmodal_mappers",
-        "memory_banks",
-        "attention_retriever",
-        "evaluation_report",
-        "deployed_bank",
-    }
-    assert all(graph.get(dg.AssetKey(k)).partitions_def == category_partitions for k in keys)
-    assert {c.name for c in defs.resolve_asset_graph().asset_check_keys} == {
+    assert keys == set(ASSETS)
+    for key in keys:
+        node = graph.get(dg.AssetKey(key))
+        assert node.partitions_def == category_partitions
+        assert node.owners == ["team:vision-engineering"]
+        assert node.kinds and len(node.description) > 80, key
+    groups = {k: graph.get(dg.AssetKey(k)).group_name for k in keys}
+    assert groups["shot_library"] == "ingest" and groups["deployed_bank"] == "release"
+    assert groups["memory_banks"] == "training"
+    assert {c.name for c in graph.asset_check_keys} == {
         "finite_weights",
         "bank_shape",
         "no_regression",
     }
-    assert defs.resolve_sensor_def("landing_sensor") and defs.resolve_schedule_def("weekly_refit")
+    assert defs.resolve_sensor_def("landing_sensor") and defs.resolve_sensor_def("library_sensor")
+    assert (
+        defs.resolve_schedule_def("weekly_refit").default_status == dg.DefaultScheduleStatus.STOPPED
+    )
+    job = defs.resolve_job_def("cfr_category_job")
+    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == set(ASSETS)
 
 
 def test_demo_deploys_and_audits_every_category(home):
     home, rows = home
-    assert [(r.category, r.success, r.version, r.audit_ok) for r in rows] == [
-        ("dome", True, 1, True),
-        ("ribbed", True, 1, True),
+    assert [(r.category, r.success, r.status, r.version, r.audit_ok) for r in rows] == [
+        ("dome", True, "deployed", 1, True),
+        ("ribbed", True, "deployed", 1, True),
     ]
     assert all(0 <= r.image_auroc <= 1 and r.threshold > 0 for r in rows)
-    registry = BankRegistry(f"sqlite:///{home / 'registry.db'}")
+    registry = registry_of(home)
     live = registry.deployed("dome")
     assert live.shot_hashes and all(len(s["xyz_sha256"]) == 64 for s in live.shot_hashes)
-    assert (
-        live.extractor_ids["points"].startswith("fpfh@") and live.method_config["method"] == "cfr"
-    )
-    assert {k.split("/")[0] for k in live.artifact_hashes} >= {
-        "normal_shots",
-        "memory_banks",
-        "evaluation_report",
-    }
+    assert live.method_config["method"] == "cfr"
+    assert set(live.artifact_hashes) == set(ASSETS[1:-1])
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        # checks ran per partition: one evaluation of each check for each category
+        runs = instance.get_runs()
+        assert {r.job_name for r in runs} == {"cfr_category_job"}  # named, not __ephemeral
         records = instance.event_log_storage.get_asset_check_execution_history(
             dg.AssetCheckKey(dg.AssetKey("evaluation_report"), "no_regression"), limit=10
         )
-        assert len(records) == 2
+        assert len(records) == 2  # checks ran per partition
         mats = instance.fetch_materializations(dg.AssetKey("deployed_bank"), limit=10).records
         assert sorted(m.partition_key for m in mats) == ["dome", "ribbed"]
+        meta = mats[0].asset_materialization.metadata
+        assert _v(meta["audit"]).startswith("PASSED") and _v(meta["status"]) == "deployed"
+        assert {"version", "threshold", "gate_threshold", "metrics"} <= set(meta)
 
 
-def test_asset_invoked_directly(home, tmp_path):
+def test_shot_library_and_normal_shots_invoked_directly(home, tmp_path):
     home, _ = home
-    store = CFRStore(root=str(tmp_path / "store"))
+    from cfr_assets.assets.library import shot_library
     from cfr_assets.assets.shots import normal_shots
 
-    with dg.build_asset_context(partition_key="ribbed") as context:
-        result = normal_shots(
-            context, data=resources(home)["data"], settings=CFRModelSettings(**TINY), store=store
-        )
-    assert _v(result.metadata["pool_size"]) == 8 and _v(result.metadata["shots"]) == 2
-    manifest = json.loads(
-        Path(store.read_stage("ribbed", "normal_shots")["files"]["shots.json"][0]).read_text()
+    res = resources(home)
+    res["store"] = CFRStore(
+        root=str(tmp_path / "store"), registry_url=f"sqlite:///{tmp_path / 'r.db'}"
     )
-    library = {s.stem for s in store.library().samples("ribbed")}
-    assert len(manifest["shots"]) == 2 and {s["stem"] for s in manifest["shots"]} <= library
+    with dg.build_asset_context(partition_key="ribbed") as context:
+        lib = shot_library(context, data=res["data"], settings=res["settings"], store=res["store"])
+        shots = normal_shots(
+            context, data=res["data"], settings=res["settings"], store=res["store"]
+        )
+    assert (
+        _v(lib.metadata["new_accepted"]) == 8
+        and _v(lib.metadata["gate"]) == "no deployed model yet"
+    )
+    assert _v(shots.metadata["pool_size"]) == 8 and _v(shots.metadata["shots"]) == 2
+    files = [r.data["file"] for r in _v(shots.metadata["shot_table"]).records]
+    assert all(f.startswith("ribbed_") for f in files)  # the names the operator dropped
+    ref = res["store"].open_stage("ribbed", "normal_shots", _v(shots.metadata["stage_version"]))
+    manifest = ref.json("shots.json")
+    library = {s.stem for s in res["store"].library().samples("ribbed")}
+    assert {s["stem"] for s in manifest["shots"]} <= library and manifest["pool_hash"]
 
 
 def test_blocking_check_stops_deployment(home):
     home, _ = home
-    registry = BankRegistry(f"sqlite:///{home / 'registry.db'}")
+    registry = registry_of(home)
     before = registry.deployed("dome").version
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        # a new model must beat the deployed one by 1.0 AUROC: impossible, so the check fails
-        result = materialize_category("dome", instance, resources(home, tolerance=-1.0))
-    assert not result.success
-    evals = [e for e in result.get_asset_check_evaluations() if e.check_name == "no_regression"]
-    assert len(evals) == 1 and not evals[0].passed
+    # a new model must beat the deployed one by 1.0 AUROC: impossible, so the check fails
+    outcome = run(home, "dome", tolerance=-1.0, epochs=4)
+    assert not outcome.success and "no_regression" in outcome.message
     assert registry.deployed("dome").version == before
-    assert not [
-        e
-        for e in result.get_asset_materialization_events()
-        if e.asset_key == dg.AssetKey("deployed_bank")
-    ]
-    assert audit(registry.deployed("dome")).ok  # the previous deployment is intact
+    assert audit(registry.deployed("dome"), registry).ok  # the previous deployment is intact
 
 
 def test_nan_weights_are_blocked(home, monkeypatch):
     home, _ = home
     import cfr_assets.assets.training as training
 
-    real = training.train_mappers
+    real = training.fit_mappers
 
     def poisoned(*args, **kwargs):
-        mappers, hist = real(*args, **kwargs)
-        with __import__("torch").no_grad():
+        mappers, losses, seconds = real(*args, **kwargs)
+        with torch.no_grad():
             mappers.to_rgb.out.weight[0, 0] = float("nan")
-        return mappers, hist
+        return mappers, losses, seconds
 
-    monkeypatch.setattr(training, "train_mappers", poisoned)
-    registry = BankRegistry(f"sqlite:///{home / 'registry.db'}")
+    monkeypatch.setattr(training, "fit_mappers", poisoned)
+    registry = registry_of(home)
     before = registry.deployed("ribbed").version
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        result = materialize_category("ribbed", instance, resources(home))
-    finite = [e for e in result.get_asset_check_evaluations() if e.check_name == "finite_weights"]
-    assert (
-        finite
-        and not finite[0].passed
-        and "mappers.to_rgb.out.weight" in finite[0].metadata["non_finite"].value
-    )
+    outcome = run(home, "ribbed", epochs=5)
+    assert not outcome.success and "finite_weights" in outcome.message
+    assert "mappers.to_rgb.out.weight" in outcome.message
     assert registry.deployed("ribbed").version == before
 
 
-def test_registry_round_trip_and_rollback(tmp_path):
+def test_rerun_with_the_same_inputs_registers_nothing(home):
+    home, _ = home
+    registry = registry_of(home)
+    before = registry.list("dome")
+    outcome = run(home, "dome")
+    assert outcome.success and outcome.status == "unchanged" and outcome.version == 1
+    assert registry.list("dome") == before
+
+
+def test_pipeline_deploys_exactly_what_cfr_fit_builds(home, tmp_path):
+    """One fit path: same shots, config and seeds → identical tensors, thresholds and metrics."""
+    home, _ = home
+    data = home / "demo" / "data"
+    res = resources(home)
+    res["data"] = CFRData(
+        landing=str(tmp_path / "empty"), dataset_root=str(data), use_dataset_train=True
+    )
+    res["store"] = CFRStore(
+        root=str(tmp_path / "store"), registry_url=f"sqlite:///{tmp_path / 'r.db'}"
+    )
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        outcome = run_category("ribbed", instance, res, log_level="WARNING")
+    assert outcome.success and outcome.status == "deployed", outcome.message
+    deployed = load_model(res["store"].registry().deployed("ribbed").model_path)
+    out = tmp_path / "fit"
+    cli = CliRunner().invoke(
+        main,
+        [
+            "fit",
+            "--data",
+            str(data),
+            "-c",
+            "ribbed",
+            "--shots",
+            "2",
+            "--epochs",
+            "3",
+            "--grid",
+            "32",
+        ]
+        + ["--out", str(out)],
+    )
+    assert cli.exit_code == 0, cli.output
+    fitted = load_model(out)
+    a, b = deployed.tensors(), fitted.tensors()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert deployed.config == fitted.config and deployed.theta == fitted.theta
+    assert (deployed.threshold, deployed.gate_threshold) == (
+        fitted.threshold,
+        fitted.gate_threshold,
+    )
+    from cfr_core.engine.fit import evaluate
+
+    assert deployed.extra["metrics"] == evaluate(fitted, data).to_dict()
+
+
+def test_registry_round_trip_rollback_and_verify(tmp_path):
     reg = BankRegistry(f"sqlite:///{tmp_path / 'r.db'}")
     common = {
         "model_path": "/m",
@@ -188,10 +269,10 @@ def test_registry_round_trip_and_rollback(tmp_path):
     assert reg.rollback("dome", 1).deployed and reg.deployed("dome").version == 1
     assert [r.deployed for r in reg.list("dome")] == [True, False]
     assert reg.deployed("candy").version == 1  # other categories untouched
-    with pytest.raises(RegistryError, match="no version 7"):
-        reg.rollback("dome", 7)
+    assert [e["action"] for e in reg.events("dome")] == ["deploy", "deploy", "rollback"]
+    assert reg.verify() == []
     again = BankRegistry(f"sqlite:///{tmp_path / 'r.db'}")  # persisted
-    assert again.deployed("dome").version == 1
+    assert again.deployed("dome").version == 1 and again.verify() == []
 
 
 def test_registry_cli_and_audit_detects_a_changed_file(home):
@@ -199,14 +280,12 @@ def test_registry_cli_and_audit_detects_a_changed_file(home):
     runner = CliRunner()
     listed = runner.invoke(main, ["registry", "list", "--home", str(home), "--json"])
     rows = json.loads(listed.output)
-    assert {"category", "version", "deployed"} <= set(rows[0])
+    assert {"category", "version", "deployed", "row_hash"} <= set(rows[0])
     ok = runner.invoke(main, ["audit", "ribbed", "--home", str(home)])
     assert ok.exit_code == 0 and "audit PASSED" in ok.output
-    shot = Path(
-        BankRegistry(f"sqlite:///{home / 'registry.db'}")
-        .deployed("ribbed")
-        .shot_hashes[0]["xyz_path"]
-    )
+    every = runner.invoke(main, ["audit", "--all", "--home", str(home)])
+    assert every.exit_code == 0 and every.output.count("audit PASSED") == 2
+    shot = Path(registry_of(home).deployed("ribbed").shot_hashes[0]["xyz_path"])
     original = shot.read_bytes()
     try:
         shot.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
@@ -218,42 +297,9 @@ def test_registry_cli_and_audit_detects_a_changed_file(home):
     assert missing.exit_code == 2 and "no version 9" in missing.output
 
 
-def test_quality_gate_quarantines_a_bad_scan_and_release(home):
-    home, _ = home
-    from cfr_assets.assets.shots import normal_shots
-
-    odd = index_category(home / "demo" / "data", "ribbed").split("test")[
-        0
-    ]  # a ribbed crack, dropped as "dome"
-    landing = home / "landing" / "dome"
-    shutil.copyfile(odd.rgb_path, landing / "odd.png")
-    shutil.copyfile(odd.xyz_path, landing / "odd.tiff")
-    (landing / "half.png").write_bytes(
-        odd.rgb_path.read_bytes()
-    )  # incomplete pair: reported, left in place
-    res = resources(home)
-    try:
-        with dg.build_asset_context(partition_key="dome") as context:
-            result = normal_shots(context, **res)
-        assert (
-            _v(result.metadata["new_quarantined"]) == 1 and _v(result.metadata["not_ingested"]) == 1
-        )
-        assert (landing / "half.png").exists()
-        q = res["store"].library().quarantine_list("dome")
-        assert len(q) == 1 and "above the threshold" in q[0]["reason"]
-        assert (
-            res["store"].library().folder("dome", q[0]["content_id"], True) / "heatmap.png"
-        ).exists()
-        runner = CliRunner()
-        listed = runner.invoke(main, ["shots", "quarantine", "--home", str(home)])
-        assert q[0]["content_id"] in listed.output
-        rel = runner.invoke(
-            main, ["shots", "release", "dome", q[0]["content_id"], "--home", str(home)]
-        )
-        assert rel.exit_code == 0 and res["store"].library().contains("dome", q[0]["content_id"])
-    finally:
-        for name in ("odd.png", "odd.tiff", "half.png"):
-            (landing / name).unlink(missing_ok=True)
+def tick(sensor, instance, res):
+    with dg.build_sensor_context(instance=instance, resources=res) as context:
+        return sensor(context)
 
 
 def _write_pair(folder: Path, name: str, sample) -> None:
@@ -262,7 +308,59 @@ def _write_pair(folder: Path, name: str, sample) -> None:
     shutil.copyfile(sample.xyz_path, folder / f"{name}.tiff")
 
 
-def test_sensor_new_category_new_shots_same_shots_and_corrupt(synth_root, tmp_path):
+def test_gate_quarantines_without_a_rebuild_and_release_requests_one(home):
+    home, _ = home
+    from cfr_assets.assets.library import shot_library
+
+    odd = index_category(home / "demo" / "data", "ribbed").split("test")[
+        0
+    ]  # a ribbed part, as dome
+    landing = home / "landing" / "dome"
+    _write_pair(landing, "odd", odd)
+    (landing / "half.png").write_bytes(odd.rgb_path.read_bytes())  # incomplete: reported, kept
+    res = resources(home)
+    sensor_res = {"store": res["store"]}
+    q = []
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            idle = tick(library_sensor, instance, sensor_res)
+            assert not idle.run_requests  # every deployed model matches its library
+            with dg.build_asset_context(partition_key="dome", instance=instance) as context:
+                result = shot_library(
+                    context, data=res["data"], settings=res["settings"], store=res["store"]
+                )
+            assert _v(result.metadata["new_quarantined"]) == 1
+            assert _v(result.metadata["not_ingested"]) == 1 and (landing / "half.png").exists()
+            q = res["store"].library().quarantine_list("dome")
+            assert (
+                len(q) == 1
+                and "above the gate threshold" in q[0]["reason"]
+                and q[0]["name"] == "odd"
+            )
+            assert (
+                res["store"].library().folder("dome", q[0]["content_id"], True) / "heatmap.png"
+            ).exists()
+            after = tick(library_sensor, instance, sensor_res)
+            assert not after.run_requests  # only a quarantined scan: no rebuild
+            runner = CliRunner()
+            listed = runner.invoke(main, ["shots", "quarantine", "--home", str(home)])
+            assert q[0]["content_id"] in listed.output and "odd" in listed.output
+            rel = runner.invoke(
+                main, ["shots", "release", "dome", q[0]["content_id"], "--home", str(home)]
+            )
+            assert rel.exit_code == 0 and "rebuild" in rel.output
+            assert res["store"].library().contains("dome", q[0]["content_id"])
+            wanted = tick(library_sensor, instance, sensor_res)
+            assert [r.partition_key for r in wanted.run_requests] == ["dome"]
+            assert wanted.run_requests[0].run_key.startswith("rebuild:dome:")
+    finally:
+        for name in ("odd.png", "odd.tiff", "half.png"):
+            (landing / name).unlink(missing_ok=True)
+        for entry in q:
+            shutil.rmtree(res["store"].library().folder("dome", entry["content_id"]), True)
+
+
+def test_landing_sensor_new_category_same_files_corrupt_and_isolation(synth_root, tmp_path):
     landing, store = tmp_path / "landing", CFRStore(root=str(tmp_path / "store"))
     train = index_category(synth_root, "candy").split("train")
     _write_pair(landing / "candy", "a", train[0])
@@ -270,25 +368,25 @@ def test_sensor_new_category_new_shots_same_shots_and_corrupt(synth_root, tmp_pa
     (landing / "broken").mkdir()
     (landing / "broken" / "x.png").write_bytes(train[0].rgb_path.read_bytes())
     (landing / "broken" / "x.tiff").write_bytes(train[0].xyz_path.read_bytes()[:300])  # truncated
+    (landing / "bad name!").mkdir()
     res = {"data": CFRData(landing=str(landing)), "store": store}
     with dg.instance_for_test() as instance:
-        first = landing_sensor(dg.build_sensor_context(instance=instance, resources=res))
+        first = tick(landing_sensor, instance, res)
         assert [r.partition_key for r in first.run_requests] == ["candy"]
         assert first.dynamic_partitions_requests[0].partition_keys == ["candy"]
         assert first.run_requests[0].tags[CATEGORY_TAG] == "candy"
         key = first.run_requests[0].run_key
-        again = landing_sensor(dg.build_sensor_context(instance=instance, resources=res))
+        assert key.startswith("ingest:candy:")
+        again = tick(landing_sensor, instance, res)
         assert again.run_requests[0].run_key == key  # same files, same key: Dagster runs it once
         instance.add_dynamic_partitions(category_partitions.name, ["candy"])
-        from cfr_core.data.landing import scan_landing
-
         for scan in scan_landing(landing / "candy", "candy")[0]:
-            store.library().add(scan)  # what normal_shots does
-        idle = landing_sensor(dg.build_sensor_context(instance=instance, resources=res))
+            store.library().add(scan)  # what shot_library does
+        idle = tick(landing_sensor, instance, res)
         assert not idle.run_requests and "no new scans" in idle.skip_reason.skip_message
         assert "problem" in idle.skip_reason.skip_message  # the truncated TIFF is reported
         _write_pair(landing / "candy", "c", train[2])
-        new = landing_sensor(dg.build_sensor_context(instance=instance, resources=res))
+        new = tick(landing_sensor, instance, res)
         assert len(new.run_requests) == 1 and new.run_requests[0].run_key != key
         assert not new.dynamic_partitions_requests  # the partition exists already
     assert (landing / "broken" / "x.tiff").exists()  # left in place
@@ -320,7 +418,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_webserver_serves_the_deployed_materializations(home):
+def _graphql(port: int, query: str, proc) -> dict:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/graphql",
+                json.dumps({"query": query}).encode(),
+                {"Content-Type": "application/json"},
+            )
+            return json.loads(urllib.request.urlopen(req, timeout=10).read())
+        except OSError:
+            assert proc.poll() is None, "webserver exited"
+            time.sleep(1)
+    raise AssertionError("webserver did not answer within 120 s")
+
+
+def test_webserver_explains_the_graph_and_serves_the_deployments(home):
     home, _ = home
     port = _free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home), "HF_HUB_OFFLINE": "1"}
@@ -333,24 +447,25 @@ def test_webserver_serves_the_deployed_materializations(home):
         stderr=subprocess.DEVNULL,
     )
     try:
-        query = {
-            "query": '{ assetOrError(assetKey: {path: ["deployed_bank"]}) { ... on Asset { '
-            "assetMaterializations(limit: 10) { partition runId } } } }"
-        }
-        deadline, body = time.time() + 120, None
-        while time.time() < deadline:
-            try:
-                req = urllib.request.Request(
-                    f"http://127.0.0.1:{port}/graphql",
-                    json.dumps(query).encode(),
-                    {"Content-Type": "application/json"},
-                )
-                body = json.loads(urllib.request.urlopen(req, timeout=5).read())
-                break
-            except OSError:
-                assert proc.poll() is None, "webserver exited"
-                time.sleep(1)
-        assert body is not None, "webserver did not answer within 120 s"
+        nodes = _graphql(
+            port,
+            "{ assetNodes { assetKey { path } groupName kinds description owners { "
+            "... on TeamAssetOwner { team } } } }",
+            proc,
+        )["data"]["assetNodes"]
+        by_key = {n["assetKey"]["path"][-1]: n for n in nodes}
+        assert set(by_key) == set(ASSETS)
+        assert by_key["shot_library"]["groupName"] == "ingest"
+        assert by_key["evaluation_report"]["groupName"] == "release"
+        assert "sql" in by_key["deployed_bank"]["kinds"]
+        assert "quarantine" in by_key["shot_library"]["description"]
+        assert all(n["owners"] == [{"team": "vision-engineering"}] for n in nodes)
+        body = _graphql(
+            port,
+            '{ assetOrError(assetKey: {path: ["deployed_bank"]}) { ... on Asset { '
+            "assetMaterializations(limit: 10) { partition runId } } } }",
+            proc,
+        )
         mats = body["data"]["assetOrError"]["assetMaterializations"]
         assert {m["partition"] for m in mats} >= {"dome", "ribbed"}
     finally:
@@ -368,21 +483,16 @@ def test_run_failing_half_way_keeps_the_deployment_and_leaves_no_partial_artifac
     home, _ = home
     import cfr_assets.assets.evaluation as evaluation
 
-    store = CFRStore(root=str(home / "artifacts"))
-    registry = store.registry()
+    registry = registry_of(home)
     before = registry.deployed("ribbed")
-    pointer = store.stage_pointer("ribbed", "evaluation_report").read_text()
+    stage_root = home / "artifacts" / "stages" / "ribbed" / "evaluation_report"
+    versions = sorted(p.name for p in stage_root.iterdir())
 
     def crash(*args, **kwargs):
         raise RuntimeError("power cut while writing the model")
 
     monkeypatch.setattr(evaluation, "save_model", crash)
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        result = materialize_category("ribbed", instance, resources(home))
-    assert not result.success
-    assert registry.deployed("ribbed") == before and audit(before).ok
-    assert store.stage_pointer("ribbed", "evaluation_report").read_text() == pointer
-    stage_root = home / "artifacts" / "stages" / "ribbed" / "evaluation_report"
-    assert not [
-        p.name for p in stage_root.iterdir() if p.name.startswith(".") or p.name == "incoming"
-    ]
+    outcome = run(home, "ribbed", epochs=6)
+    assert not outcome.success and "power cut" in outcome.message
+    assert registry.deployed("ribbed") == before and audit(before, registry).ok
+    assert sorted(p.name for p in stage_root.iterdir()) == versions  # nothing new, nothing partial

@@ -1,4 +1,4 @@
-"""evaluation_report (the candidate model, its threshold and metrics) and deployed_bank."""
+"""evaluation_report (the candidate model, its thresholds and metrics) and deployed_bank."""
 
 import json
 from pathlib import Path
@@ -7,84 +7,110 @@ import dagster as dg
 import numpy as np
 import torch
 
-from cfr_assets.assets.training import attention_retriever, load_shot_features, load_tensors
-from cfr_assets.partitions import stage_asset
-from cfr_assets.pictures import gallery, loss_plot, png_markdown
+from cfr_assets.assets.shots import stage_result
+from cfr_assets.assets.training import (
+    attention_retriever,
+    curves,
+    load_banks,
+    load_features,
+    load_mappers,
+    load_norm,
+    load_retriever,
+    read_tensors,
+    run_config,
+)
+from cfr_assets.handoff import upstream
+from cfr_assets.partitions import RELEASE, stage_asset
+from cfr_assets.pictures import gallery, png_markdown
 from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore
+from cfr_core.audit import audit, verify_lineage
 from cfr_core.data.mvtec import index_category
 from cfr_core.data.prepare import prepare_sample
 from cfr_core.engine.features import FeatureCache, extract_features
-from cfr_core.engine.fit import calibrate, evaluate, test_samples
-from cfr_core.io.artifacts import MODEL_JSON, load_model, model_from_parts, save_model, verify_model
+from cfr_core.engine.fit import assemble, calibrate, evaluate, test_samples
+from cfr_core.engine.model import ShotRecord
+from cfr_core.io.artifacts import MODEL_JSON, load_model, save_model, verify_model
+from cfr_core.io.stages import REPORT_JSON, STAGE_JSON, TRAINING_STAGES, StageRef
 from cfr_core.scoring.overlay import overlay
-
-STAGES = (
-    "normal_shots",
-    "shot_features",
-    "crossmodal_mappers",
-    "memory_banks",
-    "attention_retriever",
-    "evaluation_report",
-)
 
 
 def _calibration(data: CFRData, store: CFRStore, category: str, shot_keys: set[str]):
+    """Normal scans the model has not seen: the dataset's validation/good, else the pool's
+    scans that are not shots (library, and the dataset's train/good when it is in the pool)."""
     dataset = data.dataset()
-    if dataset is not None and (dataset / category / "validation").is_dir():
+    if data.has_split(category, "validation"):
         val = index_category(dataset, category).split("validation")
         if val:
-            return val, "validation/good of the dataset"
+            return val, "validation/good"
     rest = [s for s in store.library().samples(category) if s.key not in shot_keys]
+    if data.use_dataset_train and data.has_split(category, "train"):
+        rest += [
+            s for s in index_category(dataset, category).split("train") if s.key not in shot_keys
+        ]
     if rest:
-        return rest, "library scans not used as shots"
+        return rest, "scans of the pool not used as shots"
     return None, "the shots themselves (optimistic: add validation scans)"
 
 
+def candidate_ref(context, store: CFRStore) -> StageRef:
+    """The evaluation_report version of this run (what the checks judge and deployed_bank deploys)."""
+    return upstream(context, store, "evaluation_report")
+
+
+def metrics_table(report: dict) -> dg.MetadataValue:
+    aupro = report["aupro"]
+    return dg.MetadataValue.md(
+        "| I-AUROC | P-AUROC | AUPRO@30% | AUPRO@10% | AUPRO@5% | AUPRO@1% | replaced |\n"
+        "|---|---|---|---|---|---|---|\n"
+        f"| {report['image_auroc']:.3f} | {report['pixel_auroc']:.3f} | {aupro['0.3']:.3f} | "
+        f"{aupro['0.1']:.3f} | {aupro['0.05']:.3f} | {aupro['0.01']:.3f} | "
+        f"{report['replacement_rate']:.3f} |"
+    )
+
+
 @stage_asset(
-    "The candidate model (safetensors + JSON), its pass/fail threshold, test metrics and a "
-    "gallery of anomaly maps.",
+    """The **candidate model** (a model folder: safetensors + JSON + manifest),
+assembled from this run's stages, with its pass/fail threshold and gate
+threshold calibrated on normal scans it has not seen, its test metrics when a
+labelled dataset is configured, and a gallery of anomaly maps. Blocking checks
+judge it before `deployed_bank` may deploy it.""",
     deps=[attention_retriever],
+    kinds=("pytorch", "safetensors", "json"),
+    group=RELEASE,
 )
 def evaluation_report(
     context: dg.AssetExecutionContext, data: CFRData, settings: CFRModelSettings, store: CFRStore
 ) -> dg.MaterializeResult:
     category = context.partition_key
-    feats, info = load_shot_features(store, category)
-    cfg = settings.fit_config(shots=len(feats))
-    tensors, history = {}, {}
-    for stage, name in (
-        ("crossmodal_mappers", "mappers"),
-        ("memory_banks", "banks"),
-        ("attention_retriever", "retriever"),
-    ):
-        tensors.update(
-            {
-                k: v
-                for k, v in load_tensors(store, category, stage, f"{name}.safetensors").items()
-                if k != "empty"
-            }
-        )
-        sidecar = Path(store.read_stage(category, stage)["folder"]) / f"{name}.json"
-        if sidecar.exists():
-            history.update(json.loads(sidecar.read_text()).get("history", {}))
-    shots = [
-        {k: s[k] for k in ("key", "rgb_path", "xyz_path", "rgb_sha256", "xyz_sha256")}
-        for s in info["shots"]
-    ]
-    model = model_from_parts(
-        {
-            "category": category,
-            "config": cfg,
-            "extractor_ids": info["extractor_ids"],
-            "dims": info["dims"],
-            "shots": shots,
-            "history": history,
-        },
-        tensors,
+    refs = {stage: upstream(context, store, stage) for stage in TRAINING_STAGES}
+    cfg = run_config(settings, refs["attention_retriever"])
+    feats, info = load_features(refs["shot_features"])
+    banks, joint, bank_info = load_banks(refs["memory_banks"])
+    history = {
+        "mappers": read_tensors(refs["crossmodal_mappers"], "mappers")[1]["history"]["mappers"],
+        "retriever": read_tensors(refs["attention_retriever"], "retriever")[1]["history"][
+            "retriever"
+        ],
+    }
+    model = assemble(
+        category,
+        cfg,
+        info["extractor_ids"],
+        info["dims"],
+        load_norm(refs["standardisation"]),
+        load_mappers(refs["crossmodal_mappers"], cfg, info["dims"]),
+        banks,
+        joint,
+        load_retriever(refs["attention_retriever"], cfg, info["dims"]),
+        (bank_info.get("theta"), bank_info.get("theta_source", "")),
+        history,
     )
+    shots = refs["normal_shots"].json("shots.json")["shots"]
+    model.shots = [ShotRecord(**{k: s[k] for k in ShotRecord.__dataclass_fields__}) for s in shots]
+    model.lineage = {stage: ref.version for stage, ref in refs.items()}
     extractors = settings.build_extractors(cfg)
     cache = FeatureCache(store.feature_cache())
-    val, source = _calibration(data, store, category, {s["key"] for s in shots})
+    val, source = _calibration(data, store, category, {s.key for s in model.shots})
     broken = [k for k, t in model.tensors().items() if not torch.isfinite(t).all()]
     if broken:  # write the candidate anyway: the blocking finite_weights check stops it
         context.log.error(
@@ -92,19 +118,25 @@ def evaluation_report(
         )
         source = "not calibrated: non-finite weights"
     else:
-        calib = extract_features(val, extractors, cfg.preprocess, cache) if val else feats
-        calibrate(model, calib, source)
+        calibrate(
+            model,
+            extract_features(val, extractors, cfg.preprocess, cache) if val else feats,
+            source,
+        )
     meta: dict = {
         "threshold": model.threshold,
+        "gate_threshold": model.gate_threshold,
         "threshold_source": source,
         "method": cfg.method,
-        "shots": len(shots),
+        "shots": len(model.shots),
     }
+    if model.theta is not None:
+        meta["theta"] = model.theta
     report, pictures = None, []
     dataset = data.dataset()
-    if not broken and dataset is not None and (dataset / category / "test").is_dir():
+    if not broken and data.has_split(category, "test"):
         ev = evaluate(model, dataset, cache, extractors)
-        report = {**ev.report.to_dict(), "replacement_rate": ev.replacement_rate}
+        report = ev.to_dict()
         samples = test_samples(dataset, category)
         picks = [i for i, s in enumerate(samples) if s.label == 0][:2]
         picks += [i for i, s in enumerate(samples) if s.label == 1][
@@ -114,85 +146,96 @@ def evaluation_report(
         for i in picks:
             scan = prepare_sample(samples[i], cfg.preprocess)
             pictures.append(overlay(scan.rgb, ev.result.maps[i].numpy(), vmax, ev.masks[i].numpy()))
-        aupro = report["aupro"]
-        meta["metrics"] = dg.MetadataValue.md(
-            "| I-AUROC | P-AUROC | AUPRO@30% | AUPRO@10% | AUPRO@5% | AUPRO@1% | replaced |\n|---|---|---|---|---|---|---|\n"
-            f"| {report['image_auroc']:.3f} | {report['pixel_auroc']:.3f} | {aupro['0.3']:.3f} | {aupro['0.1']:.3f} "
-            f"| {aupro['0.05']:.3f} | {aupro['0.01']:.3f} | {report['replacement_rate']:.3f} |"
-        )
+        meta["metrics"] = metrics_table(report)
         meta["image_auroc"] = report["image_auroc"]
-        meta["aupro_30"] = aupro["0.3"]
+        meta["aupro_30"] = report["aupro"]["0.3"]
+        meta["replacement_rate"] = report["replacement_rate"]
         meta["n_test"] = report["n_test"]
-        meta["anomaly_maps"] = png_markdown(
+        meta["anomaly_maps (picture)"] = png_markdown(
             gallery(pictures), "anomaly maps: 2 good parts, then defects"
         )
     else:
-        meta["metrics"] = (
-            "no labelled test split configured (CFRData.dataset_root): metrics not computed"
-        )
-    if history:
-        meta["loss_curves"] = png_markdown(loss_plot(history), "training losses")
+        meta["metrics"] = "no labelled test split configured (CFRData.dataset_root): not computed"
     model.extra["metrics"] = report
+    report_json = {
+        "metrics": report,
+        "threshold": model.threshold,
+        "gate_threshold": model.gate_threshold,
+        "threshold_source": source,
+        "theta": model.theta,
+    }
 
     def write(folder: Path) -> None:
-        save_model(model, folder, overwrite=True)
-        (folder / "report.json").write_text(
-            json.dumps(
-                {"metrics": report, "threshold": model.threshold, "threshold_source": source},
-                indent=2,
-            )
-            + "\n"
-        )
+        extra = {
+            REPORT_JSON: (json.dumps(report_json, indent=2, sort_keys=True) + "\n").encode(),
+            STAGE_JSON: (folder / STAGE_JSON).read_bytes(),
+        }
+        save_model(model, folder, overwrite=True, extra_files=extra)
 
-    pointer = store.write_stage(category, "evaluation_report", write)
-    meta["model_folder"] = dg.MetadataValue.path(pointer["folder"])
-    meta["model_hash"] = verify_model(pointer["folder"])
-    return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(meta["model_hash"]))
-
-
-def candidate(store: CFRStore, category: str):
-    """(model folder, model) of the latest evaluation_report."""
-    folder = Path(store.read_stage(category, "evaluation_report")["folder"])
-    return folder, load_model(folder)
+    ref = store.write_stage(category, "evaluation_report", model.lineage, cfg.to_dict(), write)
+    meta["model_hash"] = verify_model(ref.folder)
+    return stage_result(ref, **meta, **curves(history))
 
 
 @stage_asset(
-    "The bank on the line: a registry row with every hash needed to audit it. Only materialized "
-    "when the blocking checks on evaluation_report pass.",
+    """The **bank on the line**: a registry row (hash-chained) naming the model
+folder this run evaluated, byte for byte. Only materialized when the blocking
+checks on `evaluation_report` pass; a candidate identical to the deployed model
+registers nothing ("unchanged"). The materialization shows the registry
+version, thresholds, metrics and the audit of the deployment.""",
     deps=[evaluation_report],
-    kind="sql",
+    kinds=("sql",),
+    group=RELEASE,
 )
 def deployed_bank(context: dg.AssetExecutionContext, store: CFRStore) -> dg.MaterializeResult:
     category = context.partition_key
-    folder, _ = candidate(store, category)
-    model_hash = verify_model(folder)
-    meta = json.loads((folder / MODEL_JSON).read_text())
-    artifacts = {}
-    for stage in STAGES:
-        for name, (path, sha) in store.read_stage(category, stage)["files"].items():
-            artifacts[f"{stage}/{name}"] = [path, sha]
+    candidate = candidate_ref(context, store)  # re-hashed: exactly what this run evaluated
+    model_hash = verify_model(candidate.folder)
+    lineage_problems = verify_lineage(store.stages(), category, candidate.folder)
+    if lineage_problems:
+        raise dg.Failure("refusing to deploy: " + "; ".join(lineage_problems))
+    meta = json.loads((candidate.folder / MODEL_JSON).read_text())
     registry = store.registry()
-    record = registry.register(
-        category=category,
-        model_path=str(folder),
-        model_hash=model_hash,
-        artifact_hashes=artifacts,
-        shot_hashes=meta["shots"],
-        extractor_ids=meta["extractor_ids"],
-        method_config=meta["config"],
-        metrics=(meta.get("extra") or {}).get("metrics") or {},
-        threshold=meta["threshold"],
-        code_version=meta["code_version"],
-        run_id=context.run.run_id,
-    )
-    context.log.info(f"deployed {category} version {record.version} ({model_hash[:12]})")
-    return dg.MaterializeResult(
-        metadata={
-            "version": record.version,
-            "model_hash": model_hash,
-            "model_folder": dg.MetadataValue.path(str(folder)),
-            "threshold": record.threshold,
-            "registry": registry.url.split("@")[-1],
-        },
-        data_version=dg.DataVersion(model_hash),
-    )
+    live = registry.deployed(category)
+    if live is not None and live.model_hash == model_hash:
+        context.log.info(f"{category}: the candidate equals deployed version {live.version}")
+        record, status = live, "unchanged"
+    else:
+        artifacts = {stage: meta["lineage"][stage] for stage in TRAINING_STAGES} | {
+            "evaluation_report": candidate.version
+        }
+        record = registry.register(
+            category=category,
+            model_path=str(candidate.folder),
+            model_hash=model_hash,
+            artifact_hashes=artifacts,
+            shot_hashes=meta["shots"],
+            extractor_ids=meta["extractor_ids"],
+            method_config=meta["config"],
+            metrics=(meta.get("extra") or {}).get("metrics") or {},
+            threshold=meta["threshold"],
+            code_version=meta["code_version"],
+            run_id=context.run.run_id,
+        )
+        status = "deployed"
+        context.log.info(f"deployed {category} version {record.version} ({model_hash[:12]})")
+    report = audit(record, registry)
+    if not report.ok:
+        raise dg.Failure(
+            f"the audit of {category} version {record.version} failed: "
+            + "; ".join(f"{what}: {detail}" for what, ok, detail in report.checks if not ok)
+        )
+    model = load_model(candidate.folder, verify=False)
+    out = {
+        "status": status,
+        "version": record.version,
+        "model_hash": model_hash,
+        "model_folder": dg.MetadataValue.path(str(candidate.folder)),
+        "threshold": record.threshold,
+        "gate_threshold": model.gate_threshold,
+        "audit": f"PASSED ({len(report.checks)} checks)",
+        "registry": registry.safe_url,
+    }
+    if record.metrics:
+        out["metrics"] = metrics_table(record.metrics)
+    return dg.MaterializeResult(metadata=out, data_version=dg.DataVersion(model_hash))

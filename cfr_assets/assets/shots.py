@@ -1,31 +1,24 @@
-"""normal_shots: ingest the landing folder (quality-gated) and choose the shots."""
+"""normal_shots: the shots of this rebuild, chosen from the shot library by the few-shot protocol."""
 
 import json
-import tempfile
 from pathlib import Path
 
 import dagster as dg
 
+from cfr_assets.assets.library import shot_library
+from cfr_assets.handoff import VERSION_KEY
 from cfr_assets.partitions import stage_asset
-from cfr_assets.pictures import png_markdown
-from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore
-from cfr_core.data.fewshot import select_shots
-from cfr_core.data.io import read_rgb, read_xyz, sha256_file
-from cfr_core.data.landing import scan_landing
+from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore, StageRef
 from cfr_core.data.mvtec import GOOD, Sample, index_category
-from cfr_core.scoring.overlay import save_overlay
+from cfr_core.engine.fit import choose_shots, shot_records
+from cfr_core.errors import CFRError
 
 
-def deployed_gate(store: CFRStore, category: str):
-    """(model, extractors) of the deployed version, or None when nothing is deployed."""
-    from cfr_core.engine.features import build_extractors
-    from cfr_core.io.artifacts import load_model
-
-    record = store.registry().deployed(category)
-    if record is None:
-        return None
-    model = load_model(record.model_path)
-    return model, build_extractors(model.config.extractors), record.version
+def stage_result(ref: StageRef, **meta) -> dg.MaterializeResult:
+    """A stage's materialization: its version (what downstream stages of the run read), folder, metadata."""
+    meta[VERSION_KEY] = ref.version
+    meta["artifact_folder"] = dg.MetadataValue.path(str(ref.folder))
+    return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(ref.version))
 
 
 def manifest_samples(manifest: dict) -> list[Sample]:
@@ -37,109 +30,87 @@ def manifest_samples(manifest: dict) -> list[Sample]:
     ]
 
 
+def _file_name(store: CFRStore, category: str, sample: Sample) -> str:
+    """The name the operator gave the scan (library scans), else the dataset file name."""
+    library = store.library()
+    if not sample.rgb_path.resolve().is_relative_to(library.root.resolve()):
+        return sample.rgb_path.name  # a dataset scan
+    try:
+        return library.info(category, sample.stem).get("name", sample.stem)
+    except CFRError:
+        return sample.stem
+
+
 @stage_asset(
-    "Normal scans of the category: landing-folder scans validated, quality-gated by the deployed "
-    "model and ingested into the content-addressed shot library; the shots chosen by the few-shot protocol.",
-    kind="python",
+    """**Shots** of this rebuild: the few-shot protocol (sorted pool,
+`default_rng(seed).choice(N, k)`) applied to the accepted scans of the shot
+library (and the dataset's train/good scans when `use_dataset_train` is set).
+`shots.json` records every shot's operator file name, path and sha256 and the
+hash of the pool it was chosen from.""",
+    deps=[shot_library],
+    kinds=("python", "json"),
 )
 def normal_shots(
     context: dg.AssetExecutionContext, data: CFRData, settings: CFRModelSettings, store: CFRStore
 ) -> dg.MaterializeResult:
     category = context.partition_key
     library = store.library()
-    scans, problems = scan_landing(data.landing_dir() / category, category)
-    for p in problems:
-        context.log.warning(f"not ingested: {p.path}: {p.reason}")
-    gate = deployed_gate(store, category) if settings.quality_gate else None
-    accepted, quarantined, pictures = [], [], []
-    for scan in scans:
-        if library.contains(category, scan.content_id) or library.quarantined(
-            category, scan.content_id
-        ):
-            continue
-        if gate is not None:
-            from cfr_core.engine.score import score_arrays
-
-            model, extractors, version = gate
-            result = score_arrays(
-                model,
-                extractors,
-                read_rgb(scan.rgb_path),
-                read_xyz(scan.xyz_path),
-                str(scan.xyz_path),
-            )
-            if result.verdict == "FAIL":
-                with tempfile.TemporaryDirectory() as tmp:
-                    heat = save_overlay(
-                        Path(tmp) / "heatmap.png",
-                        result.heatmap(),
-                        f"{scan.name} score {result.score:.2f} > {result.threshold:.2f}",
-                    )
-                    reason = (
-                        f"scored {result.score:.3f} above the threshold {result.threshold:.3f} "
-                        f"of deployed version {version}; release with `cfr shots release`"
-                    )
-                    library.quarantine(scan, reason, heat, result.score, result.threshold)
-                quarantined.append((scan, result.score))
-                pictures.append(result.heatmap())
-                context.log.warning(f"quarantined {scan.rgb_path.name}: {reason}")
-                continue
-        library.add(scan)
-        accepted.append(scan)
     pool = library.samples(category)
     dataset = data.dataset()
-    if data.use_dataset_train and dataset is not None and (dataset / category).is_dir():
+    if data.use_dataset_train and data.has_split(category, "train"):
         pool += index_category(dataset, category).split("train")
     if not pool:
         raise dg.Failure(
             f"no normal scans for {category!r}: drop <name>.png + <name>.tiff pairs into "
             f"{data.landing_dir() / category}"
         )
-    selection = select_shots(pool, min(settings.shots, len(pool)), settings.fewshot_seed)
+    cfg = settings.fit_config()
+    selection = choose_shots(pool, cfg)
+    records = shot_records(selection.samples)
     manifest = {
         "category": category,
-        "pool": len(pool),
         "seed": selection.seed,
+        "pool": [s.key for s in pool],
+        "pool_hash": library.pool_hash(category),
         "shots": [
             {
-                "key": s.key,
+                **vars(r),
                 "stem": s.stem,
-                "rgb_path": str(s.rgb_path),
-                "xyz_path": str(s.xyz_path),
-                "rgb_sha256": sha256_file(s.rgb_path),
-                "xyz_sha256": sha256_file(s.xyz_path),
+                "file": _file_name(store, category, s),
             }
-            for s in selection.samples
+            for r, s in zip(records, selection.samples, strict=True)
         ],
-        "problems": [{"path": str(p.path), "reason": p.reason} for p in problems],
     }
-    pointer = store.write_stage(
+    ref = store.write_stage(
         category,
         "normal_shots",
+        {},
+        cfg.to_dict(),
         lambda d: (d / "shots.json").write_text(json.dumps(manifest, indent=2) + "\n"),
     )
-    rows = "\n".join(
-        f"| {s['stem']} | `{s['rgb_sha256'][:12]}` | `{s['xyz_sha256'][:12]}` |"
-        for s in manifest["shots"]
-    )
-    meta = {
-        "pool_size": len(pool),
-        "shots": len(selection.samples),
-        "new_accepted": len(accepted),
-        "new_quarantined": len(quarantined),
-        "not_ingested": len(problems),
-        "shot_table": dg.MetadataValue.md(
-            "| scan | rgb sha256 | xyz sha256 |\n|---|---|---|\n" + rows
+    table = dg.MetadataValue.table(
+        [
+            dg.TableRecord(
+                {
+                    "file": s["file"],
+                    "rgb sha256": s["rgb_sha256"][:16],
+                    "xyz sha256": s["xyz_sha256"][:16],
+                }
+            )
+            for s in manifest["shots"]
+        ],
+        dg.TableSchema(
+            columns=[
+                dg.TableColumn("file", "string"),
+                dg.TableColumn("rgb sha256", "string"),
+                dg.TableColumn("xyz sha256", "string"),
+            ]
         ),
-        "manifest": dg.MetadataValue.path(pointer["files"]["shots.json"][0]),
-    }
-    if problems:
-        meta["problems"] = dg.MetadataValue.md(
-            "| file | reason |\n|---|---|\n"
-            + "\n".join(f"| {p.path.name} | {p.reason} |" for p in problems)
-        )
-    if pictures:
-        from cfr_assets.pictures import gallery
-
-        meta["quarantined_heatmaps"] = png_markdown(gallery(pictures), "quarantined scans")
-    return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(pointer["version"]))
+    )
+    return stage_result(
+        ref,
+        pool_size=len(pool),
+        shots=len(records),
+        shot_table=table,
+        pool_hash=manifest["pool_hash"],
+    )

@@ -1,8 +1,9 @@
-"""shot_features → crossmodal_mappers → memory_banks → attention_retriever.
+"""shot_features → standardisation → crossmodal_mappers → memory_banks → attention_retriever.
 
-Each stage calls cfr_core, writes its own safetensors + JSON through the store
-(content-addressed version folders, never the pickling IO manager) and returns
-the content hash as its data version.
+Each stage calls the same staged function of cfr_core.engine.fit that `cfr fit`
+calls, reads exactly the upstream versions of its own run (cfr_assets.handoff),
+and writes its own safetensors + JSON into a content-addressed version folder
+whose ``stage.json`` names those upstream versions and the config.
 """
 
 import json
@@ -12,52 +13,91 @@ import dagster as dg
 import torch
 from safetensors.torch import load_file, save_file
 
-from cfr_assets.assets.shots import manifest_samples, normal_shots
+from cfr_assets.assets.shots import manifest_samples, normal_shots, stage_result
+from cfr_assets.handoff import upstream
 from cfr_assets.partitions import stage_asset
-from cfr_assets.pictures import loss_plot, png_markdown
-from cfr_assets.resources import CFRModelSettings, CFRStore
+from cfr_assets.pictures import loss_plot, loss_table, png_markdown
+from cfr_assets.resources import CFRModelSettings, CFRStore, StageRef
+from cfr_core.config import FitConfig
 from cfr_core.engine.features import FeatureCache, FeatureSet, extract_features
-from cfr_core.engine.fit import standardize
+from cfr_core.engine.fit import (
+    fit_banks,
+    fit_mappers,
+    fit_retriever,
+    fit_standardisation,
+    fit_theta,
+    standardised,
+)
 from cfr_core.engine.normalize import FeatureNorm
-from cfr_core.engine.train import train_mappers, train_retriever
-from cfr_core.memory.bank import Banks, build_banks, build_joint_bank
+from cfr_core.io.artifacts import ArtifactError
+from cfr_core.memory.bank import Banks
+from cfr_core.models.mappers import CrossModalMappers
+from cfr_core.models.retriever import AttentionRetriever
 
 
-def _result(pointer: dict, **meta) -> dg.MaterializeResult:
-    meta["artifact_folder"] = dg.MetadataValue.path(pointer["folder"])
-    meta["sha256"] = pointer["version"]
-    return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(pointer["version"]))
+def write_tensors(folder: Path, name: str, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    """``<name>.safetensors`` (a placeholder when the method needs nothing here) + ``<name>.json``."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(tensors or {"empty": torch.zeros(1)}, str(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
-def _file(pointer: dict, name: str) -> Path:
-    return Path(pointer["files"][name][0])
+def read_tensors(ref: StageRef, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    path = ref.file(f"{name}.safetensors")
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises several types on a damaged file
+        raise ArtifactError(f"{name}.safetensors does not load ({exc})", path) from exc
+    tensors.pop("empty", None)
+    return tensors, ref.json(f"{name}.json")
 
 
-def load_shot_features(store: CFRStore, category: str) -> tuple[FeatureSet, dict]:
-    pointer = store.read_stage(category, "shot_features")
-    t = load_file(str(_file(pointer, "features.safetensors")))
-    info = json.loads(_file(pointer, "features.json").read_text())
+def run_config(settings: CFRModelSettings, ref: StageRef) -> FitConfig:
+    """The run's config, checked against the one the upstream stage was built with."""
+    stored = FitConfig.from_dict(ref.json("stage.json")["config"])
+    cfg = settings.fit_config()
+    if stored != cfg:
+        raise dg.Failure(
+            f"{ref.stage} version {ref.version[:12]} was built with another configuration; "
+            "rerun the whole job"
+        )
+    return cfg
+
+
+def load_features(ref: StageRef) -> tuple[FeatureSet, dict]:
+    t, info = read_tensors(ref, "features")
     return FeatureSet(t["rgb"], t["points"], t["masks"].bool(), info["keys"]), info
 
 
-def write_tensor_stage(
-    store: CFRStore,
-    category: str,
-    stage: str,
-    name: str,
-    tensors: dict[str, torch.Tensor],
-    info: dict,
-) -> dict:
-    """``<name>.safetensors`` (a placeholder when the method needs nothing here) + ``<name>.json``."""
-
-    def write(folder: Path) -> None:
-        save_file(tensors or {"empty": torch.zeros(1)}, str(folder / f"{name}.safetensors"))
-        (folder / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
-
-    return store.write_stage(category, stage, write)
+def load_norm(ref: StageRef) -> FeatureNorm | None:
+    return FeatureNorm.from_tensors(read_tensors(ref, "norm")[0])
 
 
-def _epoch_logger(context: dg.AssetExecutionContext):
+def load_mappers(ref: StageRef, cfg: FitConfig, dims: dict) -> CrossModalMappers | None:
+    tensors, _ = read_tensors(ref, "mappers")
+    if not tensors:
+        return None
+    mappers = CrossModalMappers(dims["rgb"], dims["points"], cfg.mappers)
+    mappers.load_state_dict({k.removeprefix("mappers."): v for k, v in tensors.items()})
+    return mappers.eval()
+
+
+def load_banks(ref: StageRef) -> tuple[Banks | None, torch.Tensor | None, dict]:
+    t, info = read_tensors(ref, "banks")
+    banks = Banks(t["bank.rgb"], t["bank.keys"], t["bank.values"]) if "bank.rgb" in t else None
+    return banks, t.get("bank.joint"), info
+
+
+def load_retriever(ref: StageRef, cfg: FitConfig, dims: dict) -> AttentionRetriever | None:
+    tensors, _ = read_tensors(ref, "retriever")
+    if not tensors:
+        return None
+    r = AttentionRetriever(dims["points"], dims["rgb"], cfg.retriever.d_model, cfg.retriever.top_k)
+    r.load_state_dict({k.removeprefix("retriever."): v for k, v in tensors.items()})
+    return r.eval()
+
+
+def epoch_logger(context: dg.AssetExecutionContext):
     """Training progress in the run log: every tenth epoch and the last one."""
 
     def log(stage: str, epoch: int, epochs: int, loss: float) -> None:
@@ -67,29 +107,29 @@ def _epoch_logger(context: dg.AssetExecutionContext):
     return log
 
 
-def standardized(store: CFRStore, category: str, feats: FeatureSet) -> FeatureSet:
-    """``feats`` with the standardisation fitted by crossmodal_mappers (if any) applied."""
-    norm = FeatureNorm.from_tensors(
-        load_tensors(store, category, "crossmodal_mappers", "mappers.safetensors")
-    )
-    return feats if norm is None else norm.apply(feats)
-
-
-def load_tensors(store: CFRStore, category: str, stage: str, name: str) -> dict[str, torch.Tensor]:
-    return load_file(str(_file(store.read_stage(category, stage), name)))
+def curves(history: dict[str, list[float]]) -> dict:
+    """Loss curves as a table (shown without a click) and as a picture (behind a click)."""
+    if not any(history.values()):
+        return {}
+    return {
+        "loss_curve": loss_table(history),
+        "loss_curve (picture)": png_markdown(loss_plot(history), "loss per epoch"),
+    }
 
 
 @stage_asset(
-    "Frozen per-pixel RGB and 3D features of the shots (cached per file hash and extractor).",
+    """Frozen per-pixel **RGB and 3D features** of the shots, on the feature grid
+(cached per file hash, extractor lineage id and preprocessing).""",
     deps=[normal_shots],
 )
-def shot_features(context: dg.AssetExecutionContext, settings: CFRModelSettings, store: CFRStore):
+def shot_features(
+    context: dg.AssetExecutionContext, settings: CFRModelSettings, store: CFRStore
+) -> dg.MaterializeResult:
     category = context.partition_key
-    manifest = json.loads(
-        _file(store.read_stage(category, "normal_shots"), "shots.json").read_text()
-    )
+    shots = upstream(context, store, "normal_shots")
+    cfg = run_config(settings, shots)
+    manifest = shots.json("shots.json")
     samples = manifest_samples(manifest)
-    cfg = settings.fit_config(shots=len(samples))
     extractors = settings.build_extractors(cfg)
     feats = extract_features(
         samples, extractors, cfg.preprocess, FeatureCache(store.feature_cache())
@@ -100,21 +140,16 @@ def shot_features(context: dg.AssetExecutionContext, settings: CFRModelSettings,
         "dims": {"rgb": feats.rgb.shape[1], "points": feats.points.shape[1]},
         "shots": manifest["shots"],
     }
-
-    def write(folder: Path) -> None:
-        save_file(
-            {
-                "rgb": feats.rgb.contiguous(),
-                "points": feats.points.contiguous(),
-                "masks": feats.masks.to(torch.uint8).contiguous(),
-            },
-            str(folder / "features.safetensors"),
-        )
-        (folder / "features.json").write_text(json.dumps(info, indent=2) + "\n")
-
-    pointer = store.write_stage(category, "shot_features", write)
-    return _result(
-        pointer,
+    tensors = {"rgb": feats.rgb, "points": feats.points, "masks": feats.masks.to(torch.uint8)}
+    ref = store.write_stage(
+        category,
+        "shot_features",
+        {"normal_shots": shots.version},
+        cfg.to_dict(),
+        lambda d: write_tensors(d, "features", tensors, info),
+    )
+    return stage_result(
+        ref,
         shots=len(samples),
         grid=cfg.extractors.grid,
         rgb_extractor=info["extractor_ids"]["rgb"],
@@ -124,111 +159,144 @@ def shot_features(context: dg.AssetExecutionContext, settings: CFRModelSettings,
 
 
 @stage_asset(
-    "Crossmodal mappers 3D→RGB and RGB→3D (CFR: cyclic GeGLU) and the feature standardisation.",
+    """Per-category **feature standardisation** (mean and spread of the shots'
+foreground features), its own recorded artifact; an explicit "none" when the
+extractor preset does not standardise.""",
     deps=[shot_features],
+)
+def standardisation(
+    context: dg.AssetExecutionContext, settings: CFRModelSettings, store: CFRStore
+) -> dg.MaterializeResult:
+    feats_ref = upstream(context, store, "shot_features")
+    cfg = run_config(settings, feats_ref)
+    feats, _ = load_features(feats_ref)
+    norm = fit_standardisation(cfg, feats)
+    ref = store.write_stage(
+        context.partition_key,
+        "standardisation",
+        {"shot_features": feats_ref.version},
+        cfg.to_dict(),
+        lambda d: write_tensors(
+            d, "norm", norm.tensors() if norm else {}, {"standardised": norm is not None}
+        ),
+    )
+    return stage_result(ref, standardised=norm is not None)
+
+
+@stage_asset(
+    """**Crossmodal mappers** 3D→RGB and RGB→3D (CFR: cyclic GeGLU with four
+`1 - cos` terms; CFM: 3-layer MLPs with the two direct terms), trained on the
+shots' standardised foreground features.""",
+    deps=[standardisation],
 )
 def crossmodal_mappers(
     context: dg.AssetExecutionContext, settings: CFRModelSettings, store: CFRStore
-):
-    category = context.partition_key
-    feats, _ = load_shot_features(store, category)
-    cfg = settings.fit_config(shots=len(feats))
-    norm, feats = standardize(cfg, feats)
-    tensors: dict[str, torch.Tensor] = dict(norm.tensors()) if norm else {}
-    history: dict[str, list[float]] = {}
-    if cfg.uses_mappers:
-        mappers, hist = train_mappers(feats, cfg.mappers, _epoch_logger(context), settings.device)
-        tensors.update({f"mappers.{k}": v.contiguous() for k, v in mappers.state_dict().items()})
-        history["mappers"] = hist.losses
-
-    pointer = write_tensor_stage(
-        store,
-        category,
-        "crossmodal_mappers",
-        "mappers",
-        tensors,
-        {"history": history, "method": cfg.method},
+) -> dg.MaterializeResult:
+    feats_ref = upstream(context, store, "shot_features")
+    norm_ref = upstream(context, store, "standardisation")
+    cfg = run_config(settings, norm_ref)
+    feats, _ = load_features(feats_ref)
+    feats = standardised(load_norm(norm_ref), feats)
+    mappers, losses, seconds = fit_mappers(cfg, feats, epoch_logger(context), settings.device)
+    tensors = (
+        {} if mappers is None else {f"mappers.{k}": v for k, v in mappers.state_dict().items()}
     )
-    meta = {
-        "method": cfg.method,
-        "kind": cfg.mappers.kind,
-        "cyclic": cfg.mappers.cyclic,
-        "standardized": norm is not None,
-    }
-    if history:
-        meta["final_loss"] = history["mappers"][-1]
-        meta["loss_curve"] = png_markdown(loss_plot(history), "mapper loss")
+    ref = store.write_stage(
+        context.partition_key,
+        "crossmodal_mappers",
+        {"shot_features": feats_ref.version, "standardisation": norm_ref.version},
+        cfg.to_dict(),
+        lambda d: write_tensors(d, "mappers", tensors, {"history": {"mappers": losses}}),
+    )
+    meta = {"kind": cfg.mappers.kind, "cyclic": cfg.mappers.cyclic, "train_seconds": seconds}
+    if losses:
+        meta["final_loss"] = losses[-1]
     else:
         meta["note"] = f"{cfg.method} uses no mappers"
-    return _result(pointer, **meta)
+    return stage_result(ref, **meta, **curves({"mappers": losses}))
 
 
 @stage_asset(
-    "RGB bank and 3D→RGB key-value bank (greedy 10 % coreset); the joint bank for btf.",
+    """**Memory banks**: the RGB bank and the 3D→RGB key-value bank (greedy 10 %
+coreset of every shot pixel), or BTF's joint bank; and the replacement
+threshold θ (the paper's fixed value, or calibrated from the shots).""",
     deps=[crossmodal_mappers],
 )
-def memory_banks(context: dg.AssetExecutionContext, settings: CFRModelSettings, store: CFRStore):
-    category = context.partition_key
-    feats, _ = load_shot_features(store, category)
-    cfg = settings.fit_config(shots=len(feats))
-    feats = standardized(store, category, feats)
-    tensors: dict[str, torch.Tensor] = {}
-    if cfg.method == "btf":
-        tensors["bank.joint"] = build_joint_bank(
-            feats.rgb, feats.points, feats.foreground, cfg.banks
-        )
-    elif cfg.replacement is not None:
-        tensors.update(build_banks(feats.rgb, feats.points, cfg.banks).tensors())
-
-    pointer = write_tensor_stage(
-        store, category, "memory_banks", "banks", tensors, {"method": cfg.method}
-    )
+def memory_banks(
+    context: dg.AssetExecutionContext, settings: CFRModelSettings, store: CFRStore
+) -> dg.MaterializeResult:
+    feats_ref = upstream(context, store, "shot_features")
+    norm_ref = upstream(context, store, "standardisation")
+    mappers_ref = upstream(context, store, "crossmodal_mappers")
+    cfg = run_config(settings, mappers_ref)
+    feats, info = load_features(feats_ref)
+    feats = standardised(load_norm(norm_ref), feats)
+    banks, joint, seconds = fit_banks(cfg, feats)
+    theta, theta_source = fit_theta(cfg, feats, load_mappers(mappers_ref, cfg, info["dims"]), banks)
+    tensors = banks.tensors() if banks is not None else {}
+    if joint is not None:
+        tensors["bank.joint"] = joint
     sizes = {k: list(v.shape) for k, v in tensors.items()}
-    return _result(
-        pointer,
-        banks=dg.MetadataValue.json(sizes or {"note": f"{cfg.method} needs no bank"}),
-        entries=int(sum(v.shape[0] for v in tensors.values())),
+    ref = store.write_stage(
+        context.partition_key,
+        "memory_banks",
+        {
+            "shot_features": feats_ref.version,
+            "standardisation": norm_ref.version,
+            "crossmodal_mappers": mappers_ref.version,
+        },
+        cfg.to_dict(),
+        lambda d: write_tensors(
+            d, "banks", tensors, {"sizes": sizes, "theta": theta, "theta_source": theta_source}
+        ),
     )
+    meta = {
+        "banks": dg.MetadataValue.json(sizes or {"note": f"{cfg.method} needs no bank"}),
+        "entries": int(sum(v[0] for v in sizes.values())),
+        "coreset_seconds": seconds,
+    }
+    if theta is not None:
+        meta["theta"] = theta
+        meta["theta_source"] = theta_source
+    return stage_result(ref, **meta)
 
 
 @stage_asset(
-    "Attention retriever (top-3 keys, d_model 128) trained to predict real RGB features.",
+    """**Attention retriever** (top-3 keys by cosine, d_model 128) trained to
+predict a shot pixel's real RGB feature from its 3D feature; it replaces the
+unreliable 3D→RGB reconstructions at inference.""",
     deps=[memory_banks],
 )
 def attention_retriever(
     context: dg.AssetExecutionContext, settings: CFRModelSettings, store: CFRStore
-):
-    category = context.partition_key
-    feats, _ = load_shot_features(store, category)
-    cfg = settings.fit_config(shots=len(feats))
-    tensors: dict[str, torch.Tensor] = {}
-    history: dict[str, list[float]] = {}
-    if cfg.replacement == "attention":
-        feats = standardized(store, category, feats)
-        b = load_tensors(store, category, "memory_banks", "banks.safetensors")
-        retriever, hist = train_retriever(
-            feats,
-            Banks(b["bank.rgb"], b["bank.keys"], b["bank.values"]),
-            cfg.retriever,
-            _epoch_logger(context),
-        )
-        tensors = {f"retriever.{k}": v.contiguous() for k, v in retriever.state_dict().items()}
-        history["retriever"] = hist.losses
-
-    pointer = write_tensor_stage(
-        store,
-        category,
-        "attention_retriever",
-        "retriever",
-        tensors,
-        {"history": history, "method": cfg.method},
+) -> dg.MaterializeResult:
+    feats_ref = upstream(context, store, "shot_features")
+    norm_ref = upstream(context, store, "standardisation")
+    banks_ref = upstream(context, store, "memory_banks")
+    cfg = run_config(settings, banks_ref)
+    feats, _ = load_features(feats_ref)
+    feats = standardised(load_norm(norm_ref), feats)
+    banks, _, _ = load_banks(banks_ref)
+    retriever, losses, seconds = fit_retriever(cfg, feats, banks, epoch_logger(context))
+    tensors = (
+        {}
+        if retriever is None
+        else {f"retriever.{k}": v for k, v in retriever.state_dict().items()}
     )
-    meta = {}
-    if history:
-        meta = {
-            "final_loss": history["retriever"][-1],
-            "loss_curve": png_markdown(loss_plot(history), "loss"),
-        }
+    ref = store.write_stage(
+        context.partition_key,
+        "attention_retriever",
+        {
+            "shot_features": feats_ref.version,
+            "standardisation": norm_ref.version,
+            "memory_banks": banks_ref.version,
+        },
+        cfg.to_dict(),
+        lambda d: write_tensors(d, "retriever", tensors, {"history": {"retriever": losses}}),
+    )
+    meta = {"train_seconds": seconds}
+    if losses:
+        meta["final_loss"] = losses[-1]
     else:
-        meta = {"note": f"{cfg.method} uses no attention retriever"}
-    return _result(pointer, **meta)
+        meta["note"] = f"{cfg.method} uses no attention retriever"
+    return stage_result(ref, **meta, **curves({"retriever": losses}))

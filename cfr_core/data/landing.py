@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cfr_core.data.io import atomic_folder, read_rgb, read_xyz, sha256_file
-from cfr_core.data.mvtec import GOOD, Sample, is_safe_name
+from cfr_core.data.mvtec import GOOD, Sample
 from cfr_core.data.validate import DEFAULT_MIN_VALID_FRACTION, ERROR, check_xyz_values
 from cfr_core.errors import DataError
+from cfr_core.paths import check_content_id, check_name, inside, is_safe_name, refuse_symlink
 
 RGB_EXT = ".png"
 XYZ_EXT = (".tiff", ".tif")
@@ -55,13 +56,19 @@ def scan_landing(
 ) -> tuple[list[LandingScan], list[LandingProblem]]:
     """Valid pairs in ``folder`` and the problems of everything else (nothing is moved)."""
     folder = Path(folder)
+    check_name(category)
     scans: list[LandingScan] = []
     problems: list[LandingProblem] = []
+    if folder.is_symlink():
+        return scans, [LandingProblem(folder, "the category folder is a symbolic link: refused")]
     if not folder.is_dir():
         return scans, problems
     groups: dict[str, dict[str, Path]] = {}
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
+            continue
+        if path.is_symlink():
+            problems.append(LandingProblem(path, "symbolic link refused (copy the file itself in)"))
             continue
         if path.is_dir():
             problems.append(
@@ -132,7 +139,15 @@ class ShotLibrary:
         self.root = Path(root)
 
     def folder(self, category: str, content_id: str, quarantine: bool = False) -> Path:
-        return self.root / ("quarantine" if quarantine else "library") / category / content_id
+        """The scan's folder, after checking the name, the id and that it stays in the library."""
+        path = (
+            self.root
+            / ("quarantine" if quarantine else "library")
+            / check_name(category)
+            / check_content_id(content_id)
+        )
+        inside(self.root, path)
+        return path
 
     def contains(self, category: str, content_id: str) -> bool:
         return (self.folder(category, content_id) / "scan.json").exists()
@@ -143,15 +158,18 @@ class ShotLibrary:
     def _store(self, scan: LandingScan, quarantine: bool, extra: dict) -> Path:
         target = self.folder(scan.category, scan.content_id, quarantine)
         with atomic_folder(target, overwrite=True) as tmp:
-            shutil.copyfile(scan.rgb_path, tmp / "rgb.png")
-            shutil.copyfile(scan.xyz_path, tmp / "xyz.tiff")
-            if (
-                sha256_file(tmp / "rgb.png") != scan.rgb_sha256
-                or sha256_file(tmp / "xyz.tiff") != scan.xyz_sha256
+            for src, name, digest in (
+                (scan.rgb_path, "rgb.png", scan.rgb_sha256),
+                (scan.xyz_path, "xyz.tiff", scan.xyz_sha256),
             ):
-                raise DataError(
-                    "scan changed while it was being copied; drop it again", scan.rgb_path
-                )
+                refuse_symlink(src)
+                shutil.copyfile(src, tmp / name)
+                if sha256_file(tmp / name) != digest:
+                    raise DataError(
+                        "file changed while it was being copied into the library",
+                        src,
+                        "let the scanner finish writing; the next tick ingests it",
+                    )
             meta = {
                 **{k: str(v) for k, v in asdict(scan).items()},
                 "content_id": scan.content_id,
@@ -188,10 +206,14 @@ class ShotLibrary:
                 "list them with `cfr shots quarantine`",
             )
         dst = self.folder(category, content_id)
+        meta = read_scan_json(src / "scan.json")
         with atomic_folder(dst, overwrite=True) as tmp:
-            for name in ("rgb.png", "xyz.tiff"):
-                shutil.copyfile(src / name, tmp / name)
-            meta = json.loads((src / "scan.json").read_text())
+            for name, key in (("rgb.png", "rgb_sha256"), ("xyz.tiff", "xyz_sha256")):
+                shutil.copyfile(refuse_symlink(src / name), tmp / name)
+                if sha256_file(tmp / name) != meta.get(key):
+                    raise DataError(
+                        "quarantined file no longer matches its record (altered)", src / name
+                    )
             meta["released_from_quarantine"] = meta.pop("reason", "")
             (tmp / "scan.json").write_text(json.dumps(meta, indent=2) + "\n")
         shutil.rmtree(src)
@@ -199,7 +221,7 @@ class ShotLibrary:
 
     def samples(self, category: str) -> list[Sample]:
         """Accepted scans as normal samples (sorted by content id)."""
-        base = self.root / "library" / category
+        base = self.root / "library" / check_name(category)
         if not base.is_dir():
             return []
         return [
@@ -207,6 +229,15 @@ class ShotLibrary:
             for d in sorted(base.iterdir())
             if (d / "scan.json").exists()
         ]
+
+    def pool_hash(self, category: str) -> str:
+        """One hash of the accepted scans of ``category`` (changes when one is added or released)."""
+        ids = [s.stem for s in self.samples(category)]
+        return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:24] if ids else ""
+
+    def info(self, category: str, content_id: str, quarantine: bool = False) -> dict:
+        """The scan's record (operator's file name, hashes, reason)."""
+        return read_scan_json(self.folder(category, content_id, quarantine) / "scan.json")
 
     def quarantine_list(self, category: str | None = None) -> list[dict]:
         base = self.root / "quarantine"
@@ -220,7 +251,14 @@ class ShotLibrary:
                         {
                             "category": cat_dir.name,
                             "content_id": d.name,
-                            **json.loads((d / "scan.json").read_text()),
+                            **read_scan_json(d / "scan.json"),
                         }
                     )
         return out
+
+
+def read_scan_json(path: Path) -> dict:
+    """A library record; one line naming the file when it is damaged."""
+    from cfr_core.io.artifacts import read_json
+
+    return read_json(path, "scan record", ("content_id",))

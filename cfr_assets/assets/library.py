@@ -1,0 +1,140 @@
+"""shot_library: new good scans from the landing folder, quality-gated, into the shot library."""
+
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+
+from cfr_assets.partitions import INGEST, stage_asset
+from cfr_assets.pictures import gallery, png_markdown
+from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore
+from cfr_core.data.io import read_rgb, read_xyz
+from cfr_core.data.landing import LandingScan, scan_landing
+from cfr_core.errors import CFRError
+from cfr_core.scoring.overlay import save_overlay
+
+
+def deployed_gate(store: CFRStore, category: str):
+    """(model, extractors, version) of the live model of ``category``, or None."""
+    from cfr_core.engine.features import build_extractors
+    from cfr_core.io.artifacts import load_model
+
+    record = store.registry().deployed(category)
+    if record is None:
+        return None
+    model = load_model(record.model_path)
+    return model, build_extractors(model.config.extractors), record.version
+
+
+def gate_scan(gate, scan: LandingScan):
+    """(score, gate threshold, heatmap) of a landing scan under the deployed model."""
+    from cfr_core.engine.score import score_arrays
+
+    model, extractors, _ = gate
+    result = score_arrays(
+        model, extractors, read_rgb(scan.rgb_path), read_xyz(scan.xyz_path), str(scan.xyz_path)
+    )
+    limit = model.gate_threshold if model.gate_threshold is not None else model.threshold
+    return result.score, limit, result
+
+
+@stage_asset(
+    """**Shot library** of the category: the good scans operators dropped as
+`<name>.png` + `<name>.tiff` into `<landing>/<category>/`.
+
+Each new pair is validated, then scored by the deployed model: a scan above the
+model's **gate threshold** goes to the quarantine with its heatmap (a person
+releases it with `cfr shots release`); the others are copied into the
+content-addressed library. Bad files are reported, never silently skipped. The
+data version is the hash of the accepted scans, so the rebuild sensor only
+starts a rebuild when the library really changed.""",
+    kinds=("python", "filesystem"),
+    group=INGEST,
+)
+def shot_library(
+    context: dg.AssetExecutionContext, data: CFRData, settings: CFRModelSettings, store: CFRStore
+) -> dg.MaterializeResult:
+    category = context.partition_key
+    library = store.library()
+    scans, problems = scan_landing(data.landing_dir() / category, category)
+    problems = [(str(p.path), p.reason) for p in problems]
+    gate = deployed_gate(store, category) if settings.quality_gate else None
+    rows, pictures = [], []
+    for scan in scans:
+        if library.contains(category, scan.content_id) or library.quarantined(
+            category, scan.content_id
+        ):
+            continue
+        try:
+            verdict, score, limit = "accepted", None, None
+            if gate is not None:
+                score, limit, result = gate_scan(gate, scan)
+                if score > limit:
+                    verdict = "quarantined"
+                    reason = (
+                        f"scored {score:.3f} above the gate threshold {limit:.3f} of deployed "
+                        f"version {gate[2]}; a person may release it with "
+                        f"`cfr shots release {category} {scan.content_id}`"
+                    )
+                    with tempfile.TemporaryDirectory() as tmp:
+                        heat = save_overlay(
+                            Path(tmp) / "heatmap.png",
+                            result.heatmap(),
+                            f"{scan.name} score {score:.2f} > gate {limit:.2f}",
+                        )
+                        library.quarantine(scan, reason, heat, score, limit)
+                    pictures.append(result.heatmap())
+                    context.log.warning(f"quarantined {scan.rgb_path.name}: {reason}")
+            if verdict == "accepted":
+                library.add(scan)
+            rows.append((scan, verdict, score, limit))
+        except CFRError as exc:  # this scan only: the others of the batch are still ingested
+            problems.append((str(getattr(exc, "path", None) or scan.rgb_path), str(exc)))
+            context.log.warning(f"not ingested: {exc}")
+    for path, reason in problems:
+        context.log.warning(f"not ingested: {path}: {reason}")
+    pool = library.samples(category)
+    meta: dict = {
+        "accepted_scans": len(pool),
+        "new_accepted": sum(v == "accepted" for _, v, _, _ in rows),
+        "new_quarantined": sum(v == "quarantined" for _, v, _, _ in rows),
+        "not_ingested": len(problems),
+        "gate": "off"
+        if not settings.quality_gate
+        else ("no deployed model yet" if gate is None else f"deployed version {gate[2]}"),
+        "pool_hash": library.pool_hash(category),
+    }
+    if rows:
+        meta["new_scans"] = dg.MetadataValue.table(
+            [
+                dg.TableRecord(
+                    {
+                        "file": s.rgb_path.name,
+                        "id": s.content_id,
+                        "verdict": v,
+                        "score": round(score, 4) if score is not None else None,
+                        "gate": round(limit, 4) if limit is not None else None,
+                    }
+                )
+                for s, v, score, limit in rows
+            ],
+            dg.TableSchema(
+                columns=[
+                    dg.TableColumn("file", "string"),
+                    dg.TableColumn("id", "string"),
+                    dg.TableColumn("verdict", "string"),
+                    dg.TableColumn("score", "float"),
+                    dg.TableColumn("gate", "float"),
+                ]
+            ),
+        )
+    if problems:
+        meta["problems"] = dg.MetadataValue.md(
+            "| file | reason |\n|---|---|\n"
+            + "\n".join(f"| {Path(p).name} | {r} |" for p, r in problems)
+        )
+    if pictures:
+        meta["quarantine_heatmaps (picture)"] = png_markdown(gallery(pictures), "quarantined")
+    return dg.MaterializeResult(
+        metadata=meta, data_version=dg.DataVersion(meta["pool_hash"] or "empty")
+    )

@@ -1,0 +1,28 @@
+"""The two jobs: ingest new landing scans, and rebuild a category from its shot library.
+
+Both run every step in one process (``in_process_executor``): the stages form a
+chain, so separate step processes would only re-import torch and Dagster seven
+times, and one process lets the category lock be held from the first step to
+the last.
+"""
+
+import dagster as dg
+
+from cfr_assets.partitions import INGEST, RELEASE, TRAINING
+
+ingest_job = dg.define_asset_job(
+    "cfr_ingest_job",
+    selection=dg.AssetSelection.groups(INGEST),
+    executor_def=dg.in_process_executor,
+    description="Ingest a category's new landing scans into its shot library (quality-gated).",
+)
+
+cfr_job = dg.define_asset_job(
+    "cfr_category_job",
+    selection=dg.AssetSelection.groups(INGEST, TRAINING, RELEASE),
+    executor_def=dg.in_process_executor,
+    description=(
+        "Rebuild one category: library → shots → features → standardisation → mappers → "
+        "banks → retriever → evaluation → deployment."
+    ),
+)

@@ -1,0 +1,88 @@
+"""Run one category's job in this process, on the Dagster instance in DAGSTER_HOME.
+
+What `cfr pipeline run` and `cfr demo` use: the run is a real run of
+``cfr_category_job`` (named so in the UI), holds the category lock like any
+other run, and reports whether it deployed a new version, found the candidate
+unchanged, or failed, and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dagster as dg
+
+from cfr_assets.definitions import build_definitions
+from cfr_assets.partitions import CATEGORY_TAG, category_partitions
+from cfr_core.paths import check_name
+
+
+@dataclass
+class RunOutcome:
+    category: str
+    run_id: str
+    success: bool
+    status: str  # deployed, unchanged, ingested or failed
+    version: int | None
+    message: str
+
+
+def _failure(result: dg.ExecuteInProcessResult) -> str:
+    failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
+    if failed:
+        details = []
+        for e in failed:
+            meta = {k: getattr(v, "value", v) for k, v in e.metadata.items()}
+            why = next((meta[k] for k in ("regressions", "problems", "non_finite") if k in meta), "")
+            details.append(f"{e.check_name} ({why})" if why else e.check_name)
+        return "blocking check failed, nothing deployed: " + "; ".join(details)
+    for event in result.all_events:
+        if event.event_type == dg.DagsterEventType.STEP_FAILURE:
+            err = event.step_failure_data.error
+            while err.cause is not None and "Error occurred while" in err.message:
+                err = err.cause
+            return f"{event.step_key}: {err.message.strip()}"
+    for event in result.all_events:
+        if event.event_type in (dg.DagsterEventType.RUN_FAILURE, dg.DagsterEventType.ENGINE_EVENT):
+            data = event.event_specific_data
+            error = getattr(data, "error", None)
+            if error is not None:
+                while error.cause is not None:
+                    error = error.cause
+                return error.message.strip()
+    return "the run failed (see the run's logs in the UI)"
+
+
+def run_category(
+    category: str,
+    instance: dg.DagsterInstance,
+    resources: dict,
+    job: str = "cfr_category_job",
+    log_level: str = "INFO",
+) -> RunOutcome:
+    """Materialize ``category`` with ``job`` in process; add the partition if it is new."""
+    check_name(category)
+    if category not in instance.get_dynamic_partitions(category_partitions.name):
+        instance.add_dynamic_partitions(category_partitions.name, [category])
+    result = (
+        build_definitions(resources)
+        .resolve_job_def(job)
+        .execute_in_process(
+            partition_key=category,
+            instance=instance,
+            tags={CATEGORY_TAG: category},
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+        )
+    )
+    if not result.success:
+        return RunOutcome(category, result.run_id, False, "failed", None, _failure(result))
+    for mat in result.get_asset_materialization_events():
+        m = mat.step_materialization_data.materialization
+        if m.asset_key == dg.AssetKey("deployed_bank"):
+            meta = m.metadata
+            status, version = meta["status"].value, meta["version"].value
+            return RunOutcome(
+                category, result.run_id, True, status, version, f"{status} v{version}"
+            )
+    return RunOutcome(category, result.run_id, True, "ingested", None, "ingested new scans")
