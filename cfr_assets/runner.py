@@ -33,7 +33,9 @@ def _failure(result: dg.ExecuteInProcessResult) -> str:
         details = []
         for e in failed:
             meta = {k: getattr(v, "value", v) for k, v in e.metadata.items()}
-            why = next((meta[k] for k in ("regressions", "problems", "non_finite") if k in meta), "")
+            why = next(
+                (meta[k] for k in ("regressions", "problems", "non_finite") if k in meta), ""
+            )
             details.append(f"{e.check_name} ({why})" if why else e.check_name)
         return "blocking check failed, nothing deployed: " + "; ".join(details)
     for event in result.all_events:

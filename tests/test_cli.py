@@ -71,7 +71,7 @@ def test_demo_command_deploys_and_audits(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "OK: every demo category deployed and audited" in result.output
     row = next(line for line in result.output.splitlines() if line.startswith("dome"))
-    assert row.split()[1:3] == ["ok", "1"] and row.endswith("ok")
+    assert row.split()[1:3] == ["deployed", "1"] and row.endswith("ok")
     assert (tmp_path / "registry.db").exists() and (tmp_path / "dagster.yaml").exists()
 
 
