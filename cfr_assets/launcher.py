@@ -5,8 +5,10 @@ offers no health check, so with run monitoring on, a worker killed by the OOM
 killer or ``kill -9`` leaves its run STARTED for ever, and the queue's
 one-run-per-category limit then never lets another run of that category start.
 ``MonitoredRunLauncher`` is the same launcher plus that health check: it reads
-the worker's pid from the run's "Started process for run (pid: N)" event and,
-on the host that launched it, reports the run failed once the process is gone.
+the worker's pid from the run's "Started process for run (pid: N)" event (or,
+for runs executed in process by `cfr pipeline run` and `cfr demo`, from their
+``cfr/worker_pid`` tag) and, on the host that started it, reports the run
+failed once the process is gone.
 dagster_home/dagster.yaml turns it and run monitoring on.
 """
 
@@ -22,6 +24,9 @@ from dagster._core.launcher.base import CheckRunHealthResult, LaunchRunContext, 
 from dagster._core.storage.dagster_run import DagsterRun
 
 HOST_TAG = "cfr/launcher_host"
+PID_TAG = (
+    "cfr/worker_pid"  # runs executed in process (`cfr pipeline run`, `cfr demo`) name their pid
+)
 _PID = re.compile(r"Started process for run \(pid: (\d+)\)")
 
 
@@ -69,6 +74,8 @@ class MonitoredRunLauncher(DefaultRunLauncher):
         if host and host != socket.gethostname():
             return CheckRunHealthResult(WorkerStatus.RUNNING, f"worker runs on {host}")
         pid = worker_pid(self._instance, run.run_id)
+        if pid is None and run.tags.get(PID_TAG, "").isdigit():
+            pid = int(run.tags[PID_TAG])
         if pid is None:  # not started yet: run monitoring's start timeout covers this case
             return CheckRunHealthResult(WorkerStatus.RUNNING, "worker not started yet")
         if process_alive(pid):

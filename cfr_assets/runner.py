@@ -8,11 +8,14 @@ unchanged, or failed, and why.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 
 import dagster as dg
 
 from cfr_assets.definitions import build_definitions
+from cfr_assets.launcher import HOST_TAG, PID_TAG
 from cfr_assets.partitions import CATEGORY_TAG, category_partitions
 from cfr_core.paths import check_name
 
@@ -72,7 +75,11 @@ def run_category(
         .execute_in_process(
             partition_key=category,
             instance=instance,
-            tags={CATEGORY_TAG: category},
+            tags={
+                CATEGORY_TAG: category,
+                HOST_TAG: socket.gethostname(),  # so that run monitoring can tell
+                PID_TAG: str(os.getpid()),  # when this process dies mid-run
+            },
             raise_on_error=False,
             run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
         )

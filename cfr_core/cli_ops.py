@@ -178,6 +178,13 @@ def pipeline() -> None:
 @click.argument("category")
 @click.option("--epochs", type=click.IntRange(1), help="Mapper and retriever epochs (default 100).")
 @click.option("--shots", type=click.IntRange(1), help="Shots per category (default 4).")
+@click.option("--grid", type=click.IntRange(8), help="Feature grid (default 224).")
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(0),
+    help="How much worse (I-AUROC, AUPRO@30%) than the deployed model the candidate may be "
+    "(default 0.02).",
+)
 @click.option(
     "--wait",
     default=0.0,
@@ -192,6 +199,8 @@ def pipeline_run(
     category: str,
     epochs: int | None,
     shots: int | None,
+    grid: int | None,
+    tolerance: float | None,
     wait: float,
     ingest_only: bool,
     home: Path,
@@ -216,7 +225,11 @@ def pipeline_run(
     from cfr_assets.definitions import default_resources
     from cfr_assets.runner import run_category
 
-    overrides = {k: v for k, v in {"epochs": epochs, "shots": shots}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {"epochs": epochs, "shots": shots, "grid": grid, "tolerance": tolerance}.items()
+        if v is not None
+    }
     with dg.DagsterInstance.get() as instance:
         outcome = run_category(
             category,

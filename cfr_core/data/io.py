@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -145,8 +146,15 @@ def load_image(path: str | Path, what: str, fix: str) -> Image.Image:
             check_pixels(img.width, img.height, path, what)  # from the header, before decoding
             img.load()
             return img.copy()
-    except Image.DecompressionBombError as exc:
-        raise DataError(f"{what} is a decompression bomb ({exc})", path, fix) from exc
+    except Image.DecompressionBombError as exc:  # PIL refuses even to open it
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        count = f"{int(found.group(1)):,}" if found else "too many"
+        raise DataError(
+            f"{what} header announces {count} pixels, above the limit of {max_pixels():,} "
+            "(a decompression bomb)",
+            path,
+            "scans are far smaller; if this one is real, raise CFR_MAX_PIXELS",
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{what} does not decode ({exc})", path, fix) from exc
 

@@ -24,7 +24,10 @@ class ScanScore:
 
     @property
     def verdict(self) -> str:
-        return "FAIL" if self.threshold is not None and self.score > self.threshold else "PASS"
+        """PASS / FAIL against the threshold; UNKNOWN for a model that was never calibrated."""
+        if self.threshold is None:
+            return "UNKNOWN"
+        return "FAIL" if self.score > self.threshold else "PASS"
 
     def heatmap(self) -> np.ndarray:
         return overlay(self.scan.rgb, self.anomaly_map, max(float(self.anomaly_map.max()), 1e-12))

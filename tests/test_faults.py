@@ -1,0 +1,494 @@
+"""The fault matrix (docs/reliability.md): concurrency, kills, tampering and hostile input.
+
+Each case asserts the exact outcome: the error text names the file, nothing
+outside its root is touched, and the previous deployment stays live and
+audit-clean.
+"""
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cfr_assets.definitions import default_resources
+from cfr_assets.resources import CFRData, CFRStore
+from cfr_assets.sensors import landing_sensor
+from cfr_core.audit import audit
+from cfr_core.cli import main
+from cfr_core.data.io import write_rgb, write_xyz
+from cfr_core.data.landing import ShotLibrary, scan_landing
+from cfr_core.data.mvtec import index_category
+from cfr_core.io.artifacts import ArtifactError, load_model, save_model
+from cfr_core.registry import BankRegistry, CategoryBusyError
+
+REPO = Path(__file__).resolve().parents[1]
+CFR = str(Path(sys.executable).parent / "cfr")
+TINY = ["--shots", "2", "--grid", "32"]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A Dagster home where the demo deployed dome (tiny settings)."""
+    from cfr_assets.demo import run_demo
+
+    home = tmp_path_factory.mktemp("faults")
+    old = os.environ.get("DAGSTER_HOME")
+    rows = run_demo(
+        home, size=96, categories=("dome",), shots=2, epochs=2, grid=32, log=lambda m: None
+    )
+    assert rows[0].success and rows[0].audit_ok
+    yield home
+    if old is None:
+        os.environ.pop("DAGSTER_HOME", None)
+    else:
+        os.environ["DAGSTER_HOME"] = old
+
+
+def registry_of(home: Path) -> BankRegistry:
+    return BankRegistry(f"sqlite:///{home / 'registry.db'}")
+
+
+def env(home: Path) -> dict:
+    return {**os.environ, "DAGSTER_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+
+
+def pipeline(home: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [CFR, "pipeline", "run", "dome", "--home", str(home), *TINY, *args],
+        env=env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+# ----------------------------------------------------------------------------- concurrency
+
+
+def test_a_held_category_lock_refuses_a_second_run_with_a_clear_message(home):
+    with registry_of(home).category_lock("dome", "maintenance by the test"):
+        proc = pipeline(home, "--epochs", "2", "--wait", "0")
+        out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out
+    assert "is being rebuilt by maintenance by the test" in out
+
+
+def test_concurrent_runs_of_one_category_never_mix_their_lineage(home):
+    """Two runs with different settings, started together: the lock serialises them, every
+    registered version holds exactly what its row and its lineage say, and the audit proves it."""
+    registry = registry_of(home)
+    before = {r.version for r in registry.list("dome")}
+    procs = [pipeline(home, "--epochs", e, "--wait", "300", "--tolerance", "1") for e in ("3", "5")]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    new = [r for r in registry.list("dome") if r.version not in before]
+    assert len(new) == 2
+    assert sorted(r.method_config["mappers"]["epochs"] for r in new) == [3, 5]
+    for record in new:
+        report = audit(record, registry)
+        assert report.ok, report.failures
+        model = load_model(record.model_path)
+        assert model.config.mappers.epochs == record.method_config["mappers"]["epochs"]
+        assert len(model.history["mappers"]) == model.config.mappers.epochs  # its own mappers
+    assert registry.verify() == []
+
+
+def test_a_killed_run_releases_its_category(home):
+    registry = registry_of(home)
+    proc = pipeline(home, "--epochs", "400", "--wait", "0")
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not _holder(home, "dome"):
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.5)
+        assert _holder(home, "dome"), "the run never took the lock"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with registry.category_lock("dome", "the next run", wait=10):
+        pass  # the dead run's lock died with its process
+    assert audit(registry.deployed("dome"), registry).ok
+
+
+def _holder(home: Path, category: str) -> str | None:
+    with sqlite3.connect(home / "registry.db") as con:
+        row = con.execute(
+            "select holder from cfr_category_locks where category = ?", (category,)
+        ).fetchone()
+    return row[0] if row else None
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def test_shots_release_refuses_paths_outside_the_library(home, tmp_path):
+    victim = tmp_path / "some" / "dir"
+    victim.mkdir(parents=True)
+    (victim / "unrelated.txt").write_text("keep me")
+    runner = CliRunner()
+    for category, content_id in (
+        (str(Path("..")), "../../some/dir"),
+        ("dome", "../../x"),
+        ("..", "0" * 20),
+    ):
+        result = runner.invoke(
+            main, ["shots", "release", category, content_id, "--home", str(home)]
+        )
+        assert (
+            result.exit_code == 2 and "unsafe" in result.output
+        ) or "not a scan id" in result.output
+    assert (victim / "unrelated.txt").read_text() == "keep me"
+
+
+def test_symlinks_are_refused_in_the_data_and_landing_roots(synth_root, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    os.symlink(synth_root / "dome", data / "dome")  # a category pulled in from elsewhere
+    result = CliRunner().invoke(
+        main, ["fit", "--data", str(data), "-c", "dome", "--out", str(tmp_path / "m")]
+    )
+    assert (
+        result.exit_code == 2
+        and "symbolic link" in result.output
+        and str(data / "dome") in result.output
+    )
+    landing = tmp_path / "landing"
+    (landing / "dome").mkdir(parents=True)
+    sample = index_category(synth_root, "dome").split("train")[0]
+    os.symlink(sample.rgb_path, landing / "dome" / "a.png")
+    os.symlink(sample.xyz_path, landing / "dome" / "a.tiff")
+    scans, problems = scan_landing(landing / "dome", "dome")
+    assert not scans and {p.path.name for p in problems} == {"a.png", "a.tiff"}
+    assert all("symbolic link" in p.reason for p in problems)
+    os.symlink(synth_root / "candy", landing / "candy")
+    res = {"data": CFRData(landing=str(landing)), "store": CFRStore(root=str(tmp_path / "store"))}
+    with dg.instance_for_test() as instance:
+        with dg.build_sensor_context(instance=instance, resources=res) as context:
+            tick = landing_sensor(context)
+    assert not tick.run_requests  # neither the linked files nor the linked folder
+    assert not (tmp_path / "store" / "shots" / "library").exists()
+
+
+# ----------------------------------------------------------------------------- tampering
+
+
+def _sql(home: Path, statement: str, *args) -> None:
+    with sqlite3.connect(home / "registry.db") as con:
+        con.execute(statement, args)
+
+
+def test_the_audit_derives_what_must_exist_and_cannot_be_fooled(home):
+    registry = registry_of(home)
+    live = registry.deployed("dome")
+    runner = CliRunner()
+    audit_cmd = ["audit", "dome", "--home", str(home)]
+    assert runner.invoke(main, audit_cmd).exit_code == 0
+    row_id = f"(select id from cfr_deployments where category='dome' and version={live.version})"
+    # 1. empty the row's artifact list, then alter the banks file
+    banks_version = load_model(live.model_path).lineage["memory_banks"]
+    banks = next(
+        (home / "artifacts" / "stages" / "dome" / "memory_banks").glob(
+            f"{banks_version[:16]}/banks.safetensors"
+        )
+    )
+    original = banks.read_bytes()
+    _sql(home, f"update cfr_deployments set artifact_hashes='{{}}' where id={row_id}")
+    try:
+        banks.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        out = runner.invoke(main, audit_cmd)
+        assert out.exit_code == 1
+        assert "FAIL stage memory_banks intact" in out.output
+        assert "FAIL registry rows and deploy log match their hash chains" in out.output
+        assert "FAIL registry artifact list = the derived lineage" in out.output
+    finally:
+        banks.write_bytes(original)
+        _sql(
+            home,
+            f"update cfr_deployments set artifact_hashes=? where id={row_id}",
+            json.dumps(live.artifact_hashes),
+        )
+    assert runner.invoke(main, audit_cmd).exit_code == 0
+    # 2. the metrics that no_regression gates on
+    _sql(
+        home,
+        f"update cfr_deployments set metrics=? where id={row_id}",
+        json.dumps({**live.metrics, "image_auroc": 1.0}),
+    )
+    try:
+        out = runner.invoke(main, audit_cmd)
+        assert out.exit_code == 1 and "FAIL model metrics = registry metrics" in out.output
+    finally:
+        _sql(
+            home,
+            f"update cfr_deployments set metrics=? where id={row_id}",
+            json.dumps(live.metrics),
+        )
+    # 3. any column of any row, e.g. the note, or the deployed flag
+    _sql(home, f"update cfr_deployments set note='edited' where id={row_id}")
+    try:
+        assert any("content differs" in p for p in registry.verify())
+    finally:
+        _sql(home, f"update cfr_deployments set note='' where id={row_id}")
+    assert registry.verify() == []
+    assert runner.invoke(main, ["audit", "--all", "--home", str(home)]).exit_code == 0
+
+
+def test_a_model_folder_must_list_every_file(tmp_path, home):
+    model = load_model(registry_of(home).deployed("dome").model_path)
+    folder = tmp_path / "m"
+    save_model(model, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    meta = json.loads((folder / "model.json").read_text())
+    meta["threshold"] = 1e9  # "PASS for anything"
+    (folder / "model.json").write_text(json.dumps(meta))
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "files": {}}))
+    with pytest.raises(ArtifactError, match="manifest.json does not list model.json"):
+        load_model(folder)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="model.json: file content does not match"):
+        load_model(folder)
+    save_model(model, folder, overwrite=True)
+    (folder / "extra.bin").write_bytes(b"x")
+    with pytest.raises(ArtifactError, match="extra.bin: file is not listed"):
+        load_model(folder)
+    (folder / "extra.bin").unlink()
+    (folder / "manifest.json").write_text(json.dumps({"format": manifest["format"]}))
+    result = CliRunner().invoke(main, ["score", "--model", str(folder), "a.png", "b.tiff"])
+    assert result.exit_code == 2 and "manifest.json lacks 'files'" in result.output
+    assert "Traceback" not in result.output
+
+
+# ----------------------------------------------------------------------------- hostile files
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that announces width×height pixels (the decompression-bomb header) and holds none."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_a_decompression_bomb_is_refused_everywhere(synth_copy, tmp_path, home):
+    bomb_png = png_header(60000, 60000)
+    train = index_category(synth_copy, "dome").split("train")
+    train[0].rgb_path.write_bytes(bomb_png)
+    runner = CliRunner()
+    check = runner.invoke(main, ["data", "check", str(synth_copy), "-c", "dome"])
+    assert check.exit_code == 1 and "3,600,000,000 pixels, above the limit" in check.output
+    fit = runner.invoke(
+        main,
+        [
+            "fit",
+            "--data",
+            str(synth_copy),
+            "-c",
+            "dome",
+            "--shots",
+            "4",
+            "--grid",
+            "32",
+            "--out",
+            str(tmp_path / "m"),
+        ],
+    )
+    assert (
+        fit.exit_code == 2
+        and str(train[0].rgb_path) in fit.output
+        and "above the limit" in fit.output
+    )
+    model = registry_of(home).deployed("dome").model_path
+    score = runner.invoke(
+        main, ["score", "--model", model, str(train[0].rgb_path), str(train[0].xyz_path)]
+    )
+    assert (
+        score.exit_code == 2
+        and "above the limit" in score.output
+        and "Traceback" not in score.output
+    )
+    # in the landing folder: reported, and the other category of the tick still gets its run
+    landing = tmp_path / "landing"
+    for cat, rgb in (("dome", train[0].rgb_path), ("candy", None)):
+        src = index_category(synth_copy, cat).split("train")[1]
+        (landing / cat).mkdir(parents=True)
+        shutil.copyfile(rgb or src.rgb_path, landing / cat / "x.png")
+        shutil.copyfile(src.xyz_path, landing / cat / "x.tiff")
+    res = {"data": CFRData(landing=str(landing)), "store": CFRStore(root=str(tmp_path / "store"))}
+    with dg.instance_for_test() as instance:
+        with dg.build_sensor_context(instance=instance, resources=res) as context:
+            tick = landing_sensor(context)
+    assert [r.partition_key for r in tick.run_requests] == ["candy"]
+
+
+def test_the_pixel_cap_is_configurable_and_read_from_the_tiff_header(synth_root, monkeypatch):
+    sample = index_category(synth_root, "dome").split("train")[0]
+    monkeypatch.setenv("CFR_MAX_PIXELS", "1000")
+    from cfr_core.data.io import read_xyz
+    from cfr_core.errors import DataError
+
+    with pytest.raises(DataError, match=r"xyz/000.tiff: point cloud is 96×96 = 9,216 pixels"):
+        read_xyz(sample.xyz_path)
+    monkeypatch.setenv("CFR_MAX_PIXELS", "lots")
+    with pytest.raises(DataError, match="CFR_MAX_PIXELS='lots'"):
+        read_xyz(sample.xyz_path)
+
+
+def test_malformed_json_is_one_line_naming_the_file(tmp_path, synth_root):
+    library = ShotLibrary(tmp_path / "shots")
+    scans, _ = scan_landing_pairs(synth_root, tmp_path / "landing")
+    library.quarantine(scans[0], "looked odd")
+    record = library.folder("dome", scans[0].content_id, True) / "scan.json"
+    record.write_text(json.dumps({"name": "x"}))  # no content_id
+    result = CliRunner().invoke(main, ["shots", "quarantine", "--store", str(tmp_path)])
+    assert result.exit_code == 2 and f"{record}: scan record lacks 'content_id'" in result.output
+    record.write_text("{not json")
+    result = CliRunner().invoke(main, ["shots", "quarantine", "--store", str(tmp_path)])
+    assert result.exit_code == 2 and "scan record is not valid JSON" in result.output
+    assert "Traceback" not in result.output
+
+
+def scan_landing_pairs(synth_root: Path, landing: Path):
+    (landing / "dome").mkdir(parents=True, exist_ok=True)
+    for i, s in enumerate(index_category(synth_root, "dome").split("train")[:3]):
+        shutil.copyfile(s.rgb_path, landing / "dome" / f"s{i}.png")
+        shutil.copyfile(s.xyz_path, landing / "dome" / f"s{i}.tiff")
+    return scan_landing(landing / "dome", "dome")
+
+
+def test_a_file_changed_while_copying_is_named_and_the_others_are_ingested(
+    synth_root, tmp_path, monkeypatch
+):
+    from cfr_assets.assets.library import shot_library
+
+    landing = tmp_path / "landing"
+    scans, _ = scan_landing_pairs(synth_root, landing)
+    changing = scans[1].xyz_path
+    import cfr_core.data.landing as landing_mod
+
+    real_copy = landing_mod.shutil.copyfile
+
+    def copy(src, dst, *a, **k):
+        out = real_copy(src, dst, *a, **k)
+        if Path(src) == changing:  # the scanner rewrites the file while we copy it
+            with open(dst, "ab") as fh:
+                fh.write(b"more")
+        return out
+
+    monkeypatch.setattr(landing_mod.shutil, "copyfile", copy)
+    res = default_resources()
+    store = CFRStore(root=str(tmp_path / "store"), registry_url=f"sqlite:///{tmp_path / 'r.db'}")
+    with dg.build_asset_context(partition_key="dome") as context:
+        result = shot_library(
+            context, data=CFRData(landing=str(landing)), settings=res["settings"], store=store
+        )
+    meta = {k: getattr(v, "value", v) for k, v in result.metadata.items()}
+    assert meta["new_accepted"] == 2 and meta["not_ingested"] == 1
+    assert str(changing) in meta["problems"] or changing.name in meta["problems"]
+    assert "changed while it was being copied" in meta["problems"]
+    assert len(store.library().samples("dome")) == 2
+
+
+def test_unused_files_are_counted_and_printed_never_dropped_silently(synth_copy, tmp_path):
+    test_dir = synth_copy / "dome" / "test" / "good"
+    shutil.copyfile(test_dir / "rgb" / "000.png", test_dir / "rgb" / "bad name.png")
+    shutil.copyfile(test_dir / "xyz" / "000.tiff", test_dir / "xyz" / "bad name.tiff")
+    runner = CliRunner()
+    model = tmp_path / "m"
+    fit = runner.invoke(
+        main,
+        [
+            "fit",
+            "--data",
+            str(synth_copy),
+            "-c",
+            "dome",
+            "--shots",
+            "2",
+            "--grid",
+            "32",
+            "--epochs",
+            "2",
+            "--out",
+            str(model),
+        ],
+    )
+    assert fit.exit_code == 0, fit.output
+    ev = runner.invoke(main, ["evaluate", "--model", str(model), "--data", str(synth_copy)])
+    assert ev.exit_code == 0, ev.output
+    assert (
+        "warning: 2 file(s) of dome not used" in ev.output
+        and "bad name.png: unsafe file name" in ev.output
+    )
+
+
+def test_data_check_applies_the_minimum_size_that_fit_applies(tmp_path):
+    for split in ("train", "test"):
+        d = tmp_path / "tiny" / "cat" / split / "good"
+        write_rgb(d / "rgb" / "000.png", np.full((8, 8, 3), 100, np.uint8))
+        write_xyz(d / "xyz" / "000.tiff", np.full((8, 8, 3), 0.5, np.float32))
+    runner = CliRunner()
+    check = runner.invoke(main, ["data", "check", str(tmp_path / "tiny")])
+    assert check.exit_code == 1 and "scan is 8×8 pixels; at least 32×32 is needed" in check.output
+    fit = runner.invoke(
+        main,
+        [
+            "fit",
+            "--data",
+            str(tmp_path / "tiny"),
+            "-c",
+            "cat",
+            "--shots",
+            "1",
+            "--out",
+            str(tmp_path / "m"),
+        ],
+    )
+    assert fit.exit_code == 2 and "scan is 8×8 pixels; at least 32×32 is needed" in fit.output
+
+
+def test_score_with_a_model_that_has_no_threshold(home, tmp_path, synth_root):
+    model = load_model(registry_of(home).deployed("dome").model_path)
+    model.threshold = None
+    save_model(model, tmp_path / "m")
+    sample = index_category(synth_root, "dome").split("test")[0]
+    result = CliRunner().invoke(
+        main, ["score", "--model", str(tmp_path / "m"), str(sample.rgb_path), str(sample.xyz_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "threshold none (the model was never calibrated)  UNKNOWN" in result.output
+
+
+def test_a_busy_lock_names_its_holder(tmp_path):
+    registry = BankRegistry(f"sqlite:///{tmp_path / 'r.db'}")
+    with registry.category_lock("dome", "run abc"):
+        with pytest.raises(
+            CategoryBusyError, match=r"'dome' is being rebuilt by run abc \(pid \d+"
+        ):
+            with BankRegistry(f"sqlite:///{tmp_path / 'r.db'}").category_lock(
+                "dome", "run xyz", wait=1
+            ):
+                pass
+    with registry.category_lock("dome", "run xyz"):  # released
+        pass
