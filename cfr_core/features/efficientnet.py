@@ -118,6 +118,8 @@ def load_lite(variant: str, checkpoint: str | Path | None = None) -> tuple[torch
     """(timm ``tf_efficientnet_<variant>`` with the ImageNet weights, sha256 of the weight file)."""
     import timm
 
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown EfficientNet-Lite variant {variant!r}; choose from {VARIANTS}")
     path = Path(checkpoint) if checkpoint else bundled_weights(variant)
     if not path.is_file():
         raise DataError(
