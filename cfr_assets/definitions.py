@@ -1,5 +1,6 @@
 """The one place that wires assets, checks, jobs, sensors, schedules and resources."""
 
+import json
 import os
 
 import dagster as dg
@@ -19,6 +20,7 @@ from cfr_assets.jobs import cfr_job, ingest_job
 from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore, dagster_home
 from cfr_assets.schedules import weekly_refit
 from cfr_assets.sensors import landing_sensor, library_sensor
+from cfr_core.errors import ConfigError
 
 assets = [
     shot_library,
@@ -33,14 +35,32 @@ assets = [
 ]
 
 
+def env_settings() -> dict:
+    """CFRModelSettings fields from CFR_SETTINGS (a JSON object, e.g. '{"epochs": 50}')."""
+    raw = os.environ.get("CFR_SETTINGS", "").strip()
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"CFR_SETTINGS is not valid JSON ({exc})") from exc
+    fields = set(CFRModelSettings.model_fields)
+    if not isinstance(value, dict) or set(value) - fields:
+        raise ConfigError(
+            f"CFR_SETTINGS must be a JSON object with fields of {sorted(fields)}, got {raw!r}"
+        )
+    return value
+
+
 def default_resources(**settings) -> dict:
     """Resources from the environment: CFR_LANDING, CFR_DATASET_ROOT, CFR_STORE, CFR_REGISTRY_URL,
     CFR_DEVICE (cpu, cuda, cuda:N: where features are extracted and mappers trained),
-    CFR_LOCK_WAIT (seconds a run waits for its category's lock; default 0).
+    CFR_LOCK_WAIT (seconds a run waits for its category's lock; default 0), CFR_SETTINGS
+    (JSON object of CFRModelSettings fields, e.g. '{"extractors": "paper", "epochs": 50}').
 
     Unset, everything lives under DAGSTER_HOME, and the demo data (HOME/demo/data,
     written by `cfr demo`) is the labelled dataset when it exists. ``settings``
-    override CFRModelSettings fields.
+    override CFRModelSettings fields (and CFR_SETTINGS).
     """
     demo = dagster_home() / "demo" / "data"
     store = CFRStore(
@@ -53,7 +73,9 @@ def default_resources(**settings) -> dict:
             landing=os.environ.get("CFR_LANDING", ""),
             dataset_root=os.environ.get("CFR_DATASET_ROOT", str(demo) if demo.is_dir() else ""),
         ),
-        "settings": CFRModelSettings(**{"device": os.environ.get("CFR_DEVICE", "cpu"), **settings}),
+        "settings": CFRModelSettings(
+            **{"device": os.environ.get("CFR_DEVICE", "cpu"), **env_settings(), **settings}
+        ),
         "store": store,
     }
 

@@ -18,6 +18,8 @@ def test_instance_config_limits_one_run_per_category():
         "limit": 1,
     } in limits
     assert cfg["telemetry"]["enabled"] is False
+    assert cfg["run_monitoring"]["enabled"] is True
+    assert cfg["run_launcher"] == {"module": "cfr_assets.launcher", "class": "MonitoredRunLauncher"}
 
 
 def test_device_setting_comes_from_the_environment_and_is_checked(monkeypatch):

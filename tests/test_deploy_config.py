@@ -16,6 +16,7 @@ def test_scale_out_instance_configs_are_complete():
             "value": {"applyLimitPerUniqueValue": True},
             "limit": 1,
         } in limits
+        assert cfg["run_monitoring"]["enabled"] is True
     k8s = yaml.safe_load((DEPLOY / "dagster-k8s.yaml").read_text())["run_launcher"]
     assert k8s["class"] == "K8sRunLauncher" and k8s["module"] == "dagster_k8s"
     assert "cfr-data" in {v["name"] for v in k8s["config"]["volumes"]}

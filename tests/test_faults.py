@@ -492,3 +492,106 @@ def test_a_busy_lock_names_its_holder(tmp_path):
                 pass
     with registry.category_lock("dome", "run xyz"):  # released
         pass
+
+
+# ----------------------------------------------------------------------------- run monitoring
+
+
+def _runs(home: Path) -> list:
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        return list(instance.get_runs())
+
+
+def test_run_monitoring_fails_a_dead_run_and_the_queue_moves_on(tmp_path, synth_root):
+    """kill -9 of a run's worker: the daemon's run monitoring marks it failed, and the next
+    queued run of the same category (held back by the one-run-per-category limit) starts."""
+    import yaml
+
+    home = tmp_path / "home"
+    home.mkdir()
+    config = yaml.safe_load((REPO / "dagster_home" / "dagster.yaml").read_text())
+    config["run_monitoring"]["poll_interval_seconds"] = 3
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    landing = home / "landing" / "dome"
+    landing.mkdir(parents=True)
+    for i, s in enumerate(index_category(synth_root, "dome").split("train")):
+        shutil.copyfile(s.rgb_path, landing / f"d{i}.png")
+        shutil.copyfile(s.xyz_path, landing / f"d{i}.tiff")
+    run_env = {**env(home), "CFR_SETTINGS": json.dumps({"epochs": 1, "grid": 32, "shots": 1})}
+    dagster = str(Path(sys.executable).parent / "dagster")
+    workspace = ["-w", str(REPO / "workspace.yaml")]
+    for sensor in ("landing_sensor", "library_sensor"):  # only the runs this test starts
+        subprocess.run(
+            [dagster, "sensor", "stop", *workspace, sensor],
+            env=run_env,
+            check=True,
+            capture_output=True,
+        )
+    daemon = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", *workspace],
+        env=run_env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    first = subprocess.Popen(
+        [CFR, "pipeline", "run", "dome", "--home", str(home), "--epochs", "5000", *TINY],
+        env=env(home),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not any(
+            r.status == dg.DagsterRunStatus.STARTED for r in _runs(home)
+        ):
+            time.sleep(1)
+        (dead,) = [r for r in _runs(home) if r.status == dg.DagsterRunStatus.STARTED]
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        tags = json.dumps({"cfr/category": "dome", "dagster/partition": "dome"})
+        subprocess.run(
+            [dagster, "job", "launch", *workspace, "-j", "cfr_category_job", "--tags", tags],
+            env=run_env,
+            check=True,
+            capture_output=True,
+        )
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            runs = {r.run_id: r for r in _runs(home)}
+            nxt = [r for r in runs.values() if r.run_id != dead.run_id]
+            if (
+                runs[dead.run_id].status == dg.DagsterRunStatus.FAILURE
+                and nxt
+                and nxt[0].status
+                in (
+                    dg.DagsterRunStatus.STARTED,
+                    dg.DagsterRunStatus.SUCCESS,
+                    dg.DagsterRunStatus.FAILURE,
+                )
+            ):
+                break
+            time.sleep(2)
+        runs = {r.run_id: r for r in _runs(home)}
+        assert runs[dead.run_id].status == dg.DagsterRunStatus.FAILURE
+        (nxt,) = [r for r in runs.values() if r.run_id != dead.run_id]
+        assert nxt.status != dg.DagsterRunStatus.QUEUED, "the queue did not move on"
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            text = " ".join(e.message or "" for e in instance.all_logs(dead.run_id))
+        assert "is gone" in text  # failed by run monitoring, not by chance
+        deadline = time.time() + 240
+        while (
+            time.time() < deadline
+            and not {r.run_id: r for r in _runs(home)}[nxt.run_id].is_finished
+        ):
+            time.sleep(2)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        os.killpg(daemon.pid, signal.SIGTERM)
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
