@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export DAGSTER_HOME   ?= $(CURDIR)/dagster_home
 
-.PHONY: install demo test lint format ui clean
+.PHONY: install demo test test-postgres lint format ui clean
 
 # torch and torchvision go in first and pinned, so that no other torch is ever
 # resolved (2.14.1 + 0.29.1 is the pair whose torchvision ops load).
@@ -25,6 +25,16 @@ demo: $(STAMP)
 
 test: lint
 	$(BIN)/pytest -q
+
+# The pipeline on a real PostgreSQL (Dagster storage + bank registry): a throwaway server
+# from the Debian package `postgresql` (installed when missing), run as an unprivileged user.
+PG_STAMP := $(VENV)/.postgres-stamp
+$(PG_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev,postgres]"
+	touch $(PG_STAMP)
+
+test-postgres: $(PG_STAMP)
+	$(BIN)/python scripts/with_postgres.py -- $(BIN)/pytest -q -m postgres
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
