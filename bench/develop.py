@@ -47,6 +47,7 @@ from cfr_core.data.synth import DEV_CATEGORIES, KINDS, render_sample  # noqa: E4
 from cfr_core.engine import FeatureCache, build_extractors  # noqa: E402
 from cfr_core.engine.features import extract_features  # noqa: E402
 from cfr_core.engine.fit import fit_features, test_samples  # noqa: E402
+from cfr_core.io.artifacts import load_model, save_model  # noqa: E402
 from cfr_core.memory.bank import joint_features  # noqa: E402
 from cfr_core.memory.search import nearest_distance, topk_cosine  # noqa: E402
 from cfr_core.metrics.aupro import aupro  # noqa: E402
@@ -58,7 +59,7 @@ from benchdata import bench_data  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "dev"
 CACHE = ROOT / "bench" / ".cache"
-TERMS = ("raw", "att", "nn", "cond", "plaus", "pts", "b_rgb", "b_pts", "cfm", "btf")
+TERMS = ("raw", "att", "nn", "cond", "plaus", "pts", "b_rgb", "b_pts", "kvj", "cfm", "btf")
 
 
 def extractor_config(preset: str, options: dict) -> ExtractorConfig:
@@ -78,7 +79,7 @@ def cfr_terms(model, feats) -> dict[str, np.ndarray]:
     fg_all = feats.foreground
     out = {
         t: np.zeros(fg_all.shape, np.float32)
-        for t in ("raw", "att", "nn", "cond", "plaus", "pts", "b_rgb", "b_pts")
+        for t in ("raw", "att", "nn", "cond", "plaus", "pts", "b_rgb", "b_pts", "kvj")
     }
     banks = model.banks
     for i in range(len(feats)):
@@ -97,6 +98,9 @@ def cfr_terms(model, feats) -> dict[str, np.ndarray]:
         cond = cand[torch.arange(len(pick)), pick]
         b_rgb, _ = topk_cosine(f_rgb, banks.rgb, 1)
         b_pts, _ = topk_cosine(f_3d, banks.keys, 1)
+        # BTF's joint distance, on the key-value bank CFR already holds (pairs of one pixel)
+        kv = joint_features(banks.values, banks.keys)
+        kvj = nearest_distance(joint_features(f_rgb, f_3d), kv)
         values = {
             "raw": discrepancy(p_rgb, f_rgb),
             "att": discrepancy(att, f_rgb),
@@ -106,6 +110,7 @@ def cfr_terms(model, feats) -> dict[str, np.ndarray]:
             "pts": discrepancy(p_3d, f_3d),
             "b_rgb": 1.0 - b_rgb[:, 0],
             "b_pts": 1.0 - b_pts[:, 0],
+            "kvj": kvj,
         }
         for k, v in values.items():
             out[k][i][fg.numpy()] = v.numpy()
@@ -175,8 +180,13 @@ def fit_and_cache(args, preset, options, tag, cat, shots, seed, cache, extractor
     shot_feats = extract_features(sel.samples, extractors, base.preprocess, cache)
     samples = test_samples(data, cat)
     test = extract_features(samples, extractors, base.preprocess, cache)
+    model_dir = CACHE / "models" / tag / f"{cat}-{shots}-{seed}"
     t0 = time.perf_counter()
-    cfr = fit_features(cat, base, shot_feats, extractors)
+    if (model_dir / "manifest.json").exists():
+        cfr = load_model(model_dir)
+    else:
+        cfr = fit_features(cat, base, shot_feats, extractors)
+        save_model(cfr, model_dir, overwrite=True)
     fit_s = time.perf_counter() - t0
     terms = cfr_terms(cfr, test)
     stats = shot_statistics(cfr, shot_feats)
@@ -229,7 +239,7 @@ def study_settings(args) -> list[tuple[str, str, dict]]:
 # ----------------------------------------------------------------------------- analysis
 
 PAPER_BLUR = ((5, 1),)
-REPLACING = ("cfr", "cfr-nn", "cfr-cond", "cfr*bank")
+REPLACING = ("cfr", "cfr-nn", "cfr-cond", "cfr*bank", "cfr*kvj")
 HEAVY_BLUR = ((5, 5), (7, 3))
 
 
@@ -264,6 +274,16 @@ def recipe_map(t: dict, recipe: str, theta: float) -> np.ndarray:
         return (t["b_rgb"] + t["b_pts"]) * fg
     if recipe == "cfr*bank":
         return replaced(t, theta) * t["pts"] * (t["b_rgb"] + t["b_pts"])
+    if recipe == "kvj":
+        return t["kvj"] * fg
+    if recipe == "cfr*kvj":
+        return replaced(t, theta) * t["pts"] * t["kvj"]
+    if recipe == "cond*pts":
+        return t["cond"] * t["pts"]
+    if recipe == "cond*pts*kvj":
+        return t["cond"] * t["pts"] * t["kvj"]
+    if recipe == "pts*kvj":
+        return t["pts"] * t["kvj"]
     raise ValueError(recipe)
 
 
@@ -389,6 +409,12 @@ def main() -> None:
         type=lambda s: s.split(","),
         default=[
             "cfr",
+            "cfr-cond",
+            "kvj",
+            "cfr*kvj",
+            "cond*pts",
+            "cond*pts*kvj",
+            "pts*kvj",
             "noreplace",
             "rgb-term",
             "3d-term",
