@@ -63,7 +63,7 @@ def test_defect_modalities_against_the_good_twin(category):
         dz = np.abs(bad.xyz - twin.xyz).max(axis=2)
         drgb = np.abs(bad.rgb.astype(int) - twin.rgb).max(axis=2)
         assert bad.mask.sum() > 20
-        if defect in ("stain", "mismatch"):  # colour only
+        if defect in ("stain", "mismatch", "bare", "ghost"):  # colour only
             assert np.array_equal(bad.xyz, twin.xyz)
             assert drgb[bad.mask].mean() > 40 and not drgb[~near].any()
         if defect == "dent":  # geometry only
@@ -84,6 +84,38 @@ def test_one_to_many_categories_vary_as_designed():
         render_sample("ribbed", "good", 0, "train", i, 96).info["rib_centres"] for i in range(3)
     ]
     assert len({round(r[0], 4) for r in ribs}) == 3
+    finishes = {render_sample("knob", "good", 0, "train", i, 64).info["finish"] for i in range(8)}
+    assert finishes == {"anodised", "turned", "rubber"}
+    pairs = {render_sample("capsule", "good", 0, "train", i, 64).info["colours"] for i in range(8)}
+    assert len(pairs) == 3
+    phases = {
+        tuple(render_sample("checker", "good", 0, "train", i, 64).info["phase"]) for i in range(3)
+    }
+    assert len(phases) == 3  # the print sits elsewhere on every tile
+
+
+def test_kinds_and_the_development_report_split():
+    from cfr_core.data.synth import DEV_CATEGORIES, KINDS, REPORT_CATEGORIES
+
+    assert set(DEV_CATEGORIES).isdisjoint(REPORT_CATEGORIES)
+    assert set(DEV_CATEGORIES) | set(REPORT_CATEGORIES) == set(KINDS) == set(DEFECTS)
+    for split in (DEV_CATEGORIES, REPORT_CATEGORIES):  # every kind of ambiguity on both sides
+        assert {"across", "within", "crossmodal"} <= {KINDS[c] for c in split}
+
+
+def test_studs_carry_their_paint_and_the_crossmodal_defects_break_exactly_that():
+    good = render_sample("studded", "good", 0, "test", 0, 128)
+    red = (good.rgb[..., 0].astype(int) - good.rgb[..., 1]) > 60
+    studs = good.info["studs"]
+    assert 4 <= len(studs) <= 7 and red.sum() > 20 * len(studs)
+    bare = render_sample("studded", "bare", 0, "test", 0, 128)
+    ghost = render_sample("studded", "ghost", 0, "test", 0, 128)
+    red_bare = (bare.rgb[..., 0].astype(int) - bare.rgb[..., 1]) > 60
+    red_ghost = (ghost.rgb[..., 0].astype(int) - ghost.rgb[..., 1]) > 60
+    twin_bare = render_sample("studded", "bare", 0, "test", 0, 128, apply_defect=False)
+    twin_red = (twin_bare.rgb[..., 0].astype(int) - twin_bare.rgb[..., 1]) > 60
+    assert red_bare.sum() < twin_red.sum() and not red_bare[bare.mask].any()  # paint gone
+    assert red_ghost[ghost.mask].mean() > 0.5  # paint where no stud stands
 
 
 def test_bad_config_and_existing_output(synth_root, small_config):
