@@ -12,9 +12,15 @@ export DAGSTER_HOME   ?= $(CURDIR)/dagster_home
 
 # torch and torchvision go in first and pinned, so that no other torch is ever
 # resolved (2.14.1 + 0.29.1 is the pair whose torchvision ops load).
+# TORCH_INDEX: on a CPU-only machine with internet access, `make install
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu` installs the CPU build of the same
+# versions (~1 GB) instead of the default CUDA build (~6 GB, which also runs on the CPU).
+TORCH_INDEX ?=
+TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --disable-pip-version-check -q $(TORCH_FROM) torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
 	touch $(STAMP)
 

@@ -1,25 +1,30 @@
-"""Accuracy benchmark: methods × shots × few-shot seeds × synthetic categories.
+"""Accuracy benchmark: presets × methods × shots × few-shot seeds × categories.
 
-Rerun from a clean clone with ``.venv/bin/python bench/accuracy.py`` (about
-30 min on 2 cores; ``--quick`` for a 2-minute smoke run). It generates the
-synthetic benchmark (seed 0, 256 px) unless ``--data`` points to a dataset,
-fits every method with the offline extractors, and writes under ``--out``:
+    .venv/bin/python bench/accuracy.py                     # report categories (the default)
+    .venv/bin/python bench/accuracy.py --split dev         # development categories
+    .venv/bin/python bench/accuracy.py --data OTHER_ROOT   # any MVTec-layout dataset
 
-* ``accuracy.csv``   one row per (method, category, shots, seed)
-* ``accuracy.md``    mean ± spread tables (per method and shots, per category,
-  one-to-many categories separately, replacement rates, θ sweep)
-* ``accuracy.png``   mean I-AUROC per method and shot count
+Defaults are chosen on development categories (bench/develop.py) and only
+*measured* on report categories: run `--split report` once the choices are
+frozen. A dataset written by `cfr data synth` (or any generator that writes the
+same synth.json manifest) says which categories are development or report and
+which are one-to-many; for other datasets, pass --categories and --one-to-many.
 
-The CFR family (cfr, cfr-noreplace, cfr-nn, cfr-cond) shares one fit per
-(category, shots, seed): the mappers and banks are identical by construction,
-only inference differs, so each variant is evaluated on the same fitted parts.
+The CFR family (cfr, cfr-noreplace, cfr-nn, cfr-cond, cfr-bank) shares one fit
+per (preset, category, shots, seed): the family differs only at inference. CFM
+and BTF are fitted on their own. Writes to --out:
+
+* ``accuracy.csv``  one row per (preset, method, category, shots, seed)
+* ``accuracy.md``   mean ± spread over seeds; one-to-many categories; per category;
+  the targets (CFR family vs the best of CFM and BTF, AUPRO@30 %, 4-shot ≥ 1-shot)
+* ``accuracy.png``  mean I-AUROC per method, shot count and preset
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
+import json
 import logging
 import sys
 import time
@@ -30,18 +35,22 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from cfr_core.config import FitConfig  # noqa: E402
+from benchdata import bench_data  # noqa: E402
+
+from cfr_core.config import DEFAULT_EXTRACTORS, ExtractorConfig, FitConfig  # noqa: E402
 from cfr_core.data.mvtec import list_categories  # noqa: E402
-from cfr_core.data.synth import SynthConfig, generate  # noqa: E402
+from cfr_core.data.synth import ONE_TO_MANY_KINDS  # noqa: E402
 from cfr_core.engine import FeatureCache, build_extractors, evaluate, fit  # noqa: E402
 
 FAMILY = ("cfr", "cfr-noreplace", "cfr-nn", "cfr-cond")
-METHODS = (*FAMILY, "cfm", "btf")
-ONE_TO_MANY = ("candy", "speckled")
+BASELINES = ("cfm", "btf")
 FIELDS = [
+    "preset",
     "method",
     "category",
+    "kind",
     "shots",
     "seed",
     "theta",
@@ -54,21 +63,50 @@ FIELDS = [
 ]
 
 
-def variant(model, method: str, theta: float | None = None):
-    out = copy.copy(model)
-    scoring = model.config.scoring if theta is None else replace(model.config.scoring, theta=theta)
-    out.config = replace(model.config, method=method, scoring=scoring)
-    return out
+def manifest(data: Path) -> dict:
+    path = data / "synth.json"
+    return json.loads(path.read_text()).get("categories", {}) if path.exists() else {}
 
 
-def row(method, category, shots, seed, theta, ev, fit_seconds):
+def choose_categories(args, data: Path) -> tuple[list[str], set[str], dict[str, str]]:
+    """(categories, one-to-many categories, kind per category) for this run."""
+    info = manifest(data)
+    kinds = {c: v.get("kind", "") for c, v in info.items()}
+    if args.categories:
+        cats = args.categories
+    else:
+        cats = list_categories(data)
+        if args.split != "all" and info:
+            want = {"dev": "development", "report": "report"}[args.split]
+            cats = [c for c in cats if info.get(c, {}).get("split") == want]
+    if args.one_to_many is not None:
+        o2m = set(args.one_to_many)
+    else:
+        o2m = {c for c in cats if kinds.get(c) in ONE_TO_MANY_KINDS}
+    return cats, o2m, kinds
+
+
+def config(preset: str, method: str, shots: int, seed: int, epochs: int) -> FitConfig:
+    cfg = FitConfig.for_method(
+        method, shots=shots, fewshot_seed=seed, extractors=ExtractorConfig.preset(preset)
+    )
+    return replace(
+        cfg,
+        mappers=replace(cfg.mappers, epochs=epochs),
+        retriever=replace(cfg.retriever, epochs=epochs),
+    )
+
+
+def row(preset, method, category, kind, shots, seed, model, ev, fit_seconds) -> dict:
     r = ev.report
     return {
+        "preset": preset,
         "method": method,
         "category": category,
+        "kind": kind,
         "shots": shots,
         "seed": seed,
-        "theta": theta,
+        "theta": "" if model.theta is None else round(model.theta, 4),
         "image_auroc": round(r.image_auroc, 4),
         "pixel_auroc": round(r.pixel_auroc, 4),
         "aupro_30": round(r.aupro[0.3], 4),
@@ -78,29 +116,18 @@ def row(method, category, shots, seed, theta, ev, fit_seconds):
     }
 
 
-def run(args) -> list[dict]:
-    data = args.data
-    if data is None:
-        data = ROOT / "bench" / ".data" / f"synth-{args.size}"
-        if not data.exists():
-            generate(data, SynthConfig(size=args.size, seed=0))
-    cats = args.categories.split(",") if args.categories else list_categories(data)
+def run(args, data: Path, cats: list[str], kinds: dict[str, str]) -> list[dict]:
     cache = FeatureCache(ROOT / "bench" / ".cache" / "features")
     out_csv = args.out / "accuracy.csv"
-    done: list[dict] = []
+    rows: list[dict] = []
     if args.resume and out_csv.exists():
         with open(out_csv) as fh:
-            done = list(csv.DictReader(fh))
-    seen = {(d["method"], d["category"], int(d["shots"]), int(d["seed"]), d["theta"]) for d in done}
-    rows = list(done)
-    base = FitConfig()
-    extractors = build_extractors(base.extractors)
-    epochs = {
-        "mappers": replace(base.mappers, epochs=args.epochs),
-        "retriever": replace(base.retriever, epochs=args.epochs),
+            rows = list(csv.DictReader(fh))
+    seen = {
+        (r["preset"], r["method"], r["category"], int(r["shots"]), int(r["seed"])) for r in rows
     }
 
-    def record(r):
+    def record(r: dict) -> None:
         rows.append(r)
         args.out.mkdir(parents=True, exist_ok=True)
         new = not out_csv.exists()
@@ -110,41 +137,52 @@ def run(args) -> list[dict]:
                 writer.writeheader()
             writer.writerow(r)
         print(
-            f"{r['category']:<9} {r['shots']}-shot seed {r['seed']} {r['method']:<14} θ={r['theta']:<5} "
-            f"I-AUROC {r['image_auroc']:.3f}  AUPRO@30% {r['aupro_30']:.3f}  replaced {r['replacement_rate']:.3f}",
+            f"{r['preset']:<8} {r['category']:<9} {r['shots']}-shot seed {r['seed']} "
+            f"{r['method']:<14} I-AUROC {r['image_auroc']:.3f}  AUPRO@30% {r['aupro_30']:.3f}  "
+            f"replaced {r['replacement_rate']:.3f}",
             flush=True,
         )
 
-    theta_default = str(base.scoring.theta)
-
-    def evaluated(method, fitted, key, fit_s, theta=theta_default):
-        cat, shots, seed = key
-        ev = evaluate(fitted, data, cache, extractors)
-        record(row(method, cat, shots, seed, theta, ev, fit_s))
-
-    for seed in args.seeds:
-        for shots in args.shots:
-            for cat in cats:
-                key = (cat, shots, seed)
-                if all((m, *key, theta_default) in seen for m in METHODS):
-                    continue
-                t0 = time.perf_counter()
-                cfg = replace(FitConfig.for_method("cfr", shots=shots, fewshot_seed=seed), **epochs)
-                model = fit(data, cat, cfg, cache, extractors)
-                fit_s = time.perf_counter() - t0
-                for method in FAMILY:
-                    evaluated(method, variant(model, method), key, fit_s)
-                for theta in args.thetas:
-                    if str(theta) != theta_default:
-                        evaluated("cfr", variant(model, "cfr", theta), key, fit_s, str(theta))
-                for method in ("cfm", "btf"):
-                    t0 = time.perf_counter()
-                    cfg = FitConfig.for_method(method, shots=shots, fewshot_seed=seed)
-                    cfg = replace(cfg, mappers=replace(cfg.mappers, epochs=args.epochs))
-                    m = fit(data, cat, cfg, cache, extractors)
-                    fit_s = time.perf_counter() - t0
-                    evaluated(method, m, key, fit_s)
+    family = [m for m in args.methods if m in FAMILY or m.startswith("cfr")]
+    for preset in args.presets:
+        extractors = build_extractors(ExtractorConfig.preset(preset))
+        for seed in args.seeds:
+            for shots in args.shots:
+                for cat in cats:
+                    todo = [m for m in args.methods if (preset, m, cat, shots, seed) not in seen]
+                    if not todo:
+                        continue
+                    kind = kinds.get(cat, "")
+                    if any(m in family for m in todo):
+                        t0 = time.perf_counter()
+                        model = fit(
+                            data,
+                            cat,
+                            config(preset, "cfr", shots, seed, args.epochs),
+                            cache,
+                            extractors,
+                        )
+                        fit_s = time.perf_counter() - t0
+                        for method in (m for m in todo if m in family):
+                            variant = model.variant(method)
+                            ev = evaluate(variant, data, cache, extractors)
+                            record(row(preset, method, cat, kind, shots, seed, variant, ev, fit_s))
+                    for method in (m for m in todo if m in BASELINES):
+                        t0 = time.perf_counter()
+                        model = fit(
+                            data,
+                            cat,
+                            config(preset, method, shots, seed, args.epochs),
+                            cache,
+                            extractors,
+                        )
+                        fit_s = time.perf_counter() - t0
+                        ev = evaluate(model, data, cache, extractors)
+                        record(row(preset, method, cat, kind, shots, seed, model, ev, fit_s))
     return rows
+
+
+# ----------------------------------------------------------------------------- report
 
 
 def _ms(values) -> str:
@@ -152,140 +190,171 @@ def _ms(values) -> str:
     return f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v.mean():.3f}"
 
 
-def summarise(rows: list[dict], out: Path, theta_default: str) -> str:
+def seed_means(rows, preset, method, shots, metric, cats) -> list[float]:
+    """Per seed, the mean over ``cats`` (a seed counts only when every category has a row)."""
+    out = []
+    for seed in sorted({r["seed"] for r in rows}):
+        vals = [
+            r[metric]
+            for r in rows
+            if (r["preset"], r["method"], r["shots"], r["seed"]) == (preset, method, shots, seed)
+            and r["category"] in cats
+        ]
+        if vals and len(vals) == len(cats):
+            out.append(float(np.mean(vals)))
+    return out
+
+
+def summarise(rows: list[dict], out: Path, o2m: set[str], title: str) -> str:
     for r in rows:
         for k in ("image_auroc", "pixel_auroc", "aupro_30", "aupro_01", "replacement_rate"):
             r[k] = float(r[k])
         r["shots"], r["seed"] = int(r["shots"]), int(r["seed"])
-    main = [r for r in rows if r["theta"] == theta_default]
-    cats = sorted({r["category"] for r in main})
-    shots = sorted({r["shots"] for r in main})
-    seeds = sorted({r["seed"] for r in main})
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cats = sorted({r["category"] for r in rows})
+    o2m_cats = [c for c in cats if c in o2m]
+    shots = sorted({r["shots"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
     lines = [
-        "# Accuracy on the synthetic benchmark (offline extractors)",
+        f"# Accuracy: {title}",
         "",
-        f"Produced by `bench/accuracy.py`. Categories: {', '.join(cats)}; few-shot seeds: "
-        f"{', '.join(map(str, seeds))}. Each cell: mean over seeds of the category mean, ± the spread "
-        "(standard deviation) of that mean across seeds. Values in [0, 1].",
+        f"Produced by `bench/accuracy.py`. Categories: {', '.join(cats)} (one-to-many: "
+        f"{', '.join(o2m_cats) or 'none'}); few-shot seeds {', '.join(map(str, seeds))}. Each "
+        "cell: mean over seeds of the category mean ± the spread (standard deviation) of that "
+        "mean across seeds. Values in [0, 1].",
         "",
     ]
-
-    def seed_means(method, shot, metric, subset):
-        out = []
-        for s in seeds:
-            vals = [
-                r[metric]
-                for r in main
-                if r["method"] == method
-                and r["shots"] == shot
-                and r["seed"] == s
-                and r["category"] in subset
+    for preset in presets:
+        for subset_title, subset in (
+            ("all categories", cats),
+            ("one-to-many categories", o2m_cats),
+        ):
+            if not subset:
+                continue
+            lines += [
+                f"## {preset} preset, {subset_title}",
+                "",
+                "| method | shots | I-AUROC | P-AUROC | AUPRO@30% | AUPRO@1% | replaced |",
+                "|---|---|---|---|---|---|---|",
             ]
-            if vals:
-                out.append(np.mean(vals))
-        return out
-
-    for title, subset in (
-        ("All categories", cats),
-        ("One-to-many categories (candy, speckled)", [c for c in cats if c in ONE_TO_MANY]),
-    ):
-        if not subset:
-            continue
+            for method in methods:
+                for shot in shots:
+                    if not seed_means(rows, preset, method, shot, "image_auroc", subset):
+                        continue
+                    cells = [
+                        _ms(seed_means(rows, preset, method, shot, m, subset))
+                        for m in (
+                            "image_auroc",
+                            "pixel_auroc",
+                            "aupro_30",
+                            "aupro_01",
+                            "replacement_rate",
+                        )
+                    ]
+                    lines.append(f"| {method} | {shot} | " + " | ".join(cells) + " |")
+            lines.append("")
         lines += [
-            f"## {title}",
+            f"## {preset} preset, per category (I-AUROC / AUPRO@30%, mean over seeds)",
             "",
-            "| method | shots | I-AUROC | P-AUROC | AUPRO@30% | AUPRO@1% | replaced |",
-            "|---|---|---|---|---|---|---|",
+            "| method | shots | " + " | ".join(cats) + " |",
+            "|---|---|" + "---|" * len(cats),
         ]
-        for method in METHODS:
+        for method in methods:
             for shot in shots:
-                cells = [
-                    _ms(seed_means(method, shot, m, subset))
-                    for m in (
-                        "image_auroc",
-                        "pixel_auroc",
-                        "aupro_30",
-                        "aupro_01",
-                        "replacement_rate",
+                cells = []
+                for c in cats:
+                    sel = [
+                        r
+                        for r in rows
+                        if (r["preset"], r["method"], r["shots"], r["category"])
+                        == (preset, method, shot, c)
+                    ]
+                    cells.append(
+                        f"{np.mean([r['image_auroc'] for r in sel]):.3f} / {np.mean([r['aupro_30'] for r in sel]):.3f}"
+                        if sel
+                        else "-"
                     )
-                ]
-                if seed_means(method, shot, "image_auroc", subset):
+                if any(c != "-" for c in cells):
                     lines.append(f"| {method} | {shot} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += [
-        "## Per category (I-AUROC / AUPRO@30%, mean over seeds)",
-        "",
-        "| method | shots | " + " | ".join(cats) + " |",
-        "|---|---|" + "---|" * len(cats),
-    ]
-    for method in METHODS:
-        for shot in shots:
-            cells = []
-            for c in cats:
-                sel = [
-                    r
-                    for r in main
-                    if r["method"] == method and r["shots"] == shot and r["category"] == c
-                ]
-                cells.append(
-                    f"{np.mean([r['image_auroc'] for r in sel]):.3f} / "
-                    f"{np.mean([r['aupro_30'] for r in sel]):.3f}"
-                    if sel
-                    else "-"
-                )
-            lines.append(f"| {method} | {shot} | " + " | ".join(cells) + " |")
-    sweep = [r for r in rows if r["method"] == "cfr"]
-    thetas = sorted({r["theta"] for r in sweep}, key=float)
-    if len(thetas) > 1:
-        lines += [
-            "",
-            "## θ sweep (cfr; mean over categories and seeds: I-AUROC / AUPRO@30% / replaced)",
-            "",
-            "| shots | " + " | ".join(f"θ={t}" for t in thetas) + " |",
-            "|---|" + "---|" * len(thetas),
-        ]
-        for shot in shots:
-            cells = []
-            for t in thetas:
-                sel = [r for r in sweep if r["theta"] == t and r["shots"] == shot]
-                cells.append(
-                    f"{np.mean([r['image_auroc'] for r in sel]):.3f} / {np.mean([r['aupro_30'] for r in sel]):.3f}"
-                    f" / {np.mean([r['replacement_rate'] for r in sel]):.3f}"
-                    if sel
-                    else "-"
-                )
-            lines.append(f"| {shot} | " + " | ".join(cells) + " |")
+        lines += targets(rows, preset, methods, shots, cats, o2m_cats)
     text = "\n".join(lines) + "\n"
     notes = out / "accuracy_notes.md"
     if notes.exists():  # the hand-written reading of the numbers, kept across reruns
         text += "\n" + notes.read_text()
     (out / "accuracy.md").write_text(text)
-    _plot(main, out / "accuracy.png", shots)
+    _plot(rows, out / "accuracy.png", presets, methods, shots)
     return text
 
 
-def _plot(rows, path: Path, shots) -> None:
+def targets(rows, preset, methods, shots, cats, o2m_cats) -> list[str]:
+    """The accuracy issue's targets, checked on this preset's rows."""
+
+    def mean(method, shot, metric, subset):
+        v = seed_means(rows, preset, method, shot, metric, subset)
+        return float(np.mean(v)) if v else float("nan")
+
+    family = [m for m in methods if m.startswith("cfr")]
+    base = [m for m in methods if m in BASELINES]
+    out = [f"### Targets ({preset} preset)", "", "| target | value | met |", "|---|---|---|"]
+    for shot in shots:
+        if o2m_cats and family and base:
+            best_f = max(family, key=lambda m: mean(m, shot, "image_auroc", o2m_cats))
+            best_b = max(base, key=lambda m: mean(m, shot, "image_auroc", o2m_cats))
+            f, b = (
+                mean(best_f, shot, "image_auroc", o2m_cats),
+                mean(best_b, shot, "image_auroc", o2m_cats),
+            )
+            out.append(
+                f"| {shot}-shot one-to-many I-AUROC: best CFR family ({best_f}) ≥ best of CFM/BTF "
+                f"({best_b}) | {f:.3f} vs {b:.3f} | {'yes' if f >= b else f'no (by {b - f:.3f})'} |"
+            )
+        for m in methods:
+            a = mean(m, shot, "aupro_30", cats)
+            if not np.isnan(a) and m in ("cfr", *base):
+                out.append(
+                    f"| {shot}-shot {m} mean AUPRO@30% ≥ 0.90 | {a:.3f} | {'yes' if a >= 0.9 else 'no'} |"
+                )
+    if 1 in shots and 4 in shots:
+        for m in methods:
+            one, four = mean(m, 1, "image_auroc", cats), mean(m, 4, "image_auroc", cats)
+            if not (np.isnan(one) or np.isnan(four)):
+                out.append(
+                    f"| {m}: 4-shot ≥ 1-shot I-AUROC | {four:.3f} vs {one:.3f} | {'yes' if four >= one else 'no'} |"
+                )
+    return [*out, ""]
+
+
+def _plot(rows, path: Path, presets, methods, shots) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
+    fig, axes = plt.subplots(
+        1, len(presets), figsize=(4.5 * len(presets), 3.6), dpi=110, squeeze=False
+    )
     width = 0.8 / len(shots)
-    for j, shot in enumerate(shots):
-        means = [
-            np.mean(
-                [r["image_auroc"] for r in rows if r["method"] == m and r["shots"] == shot]
-                or [np.nan]
-            )
-            for m in METHODS
-        ]
-        ax.bar(np.arange(len(METHODS)) + j * width, means, width, label=f"{shot}-shot")
-    ax.set_xticks(np.arange(len(METHODS)) + width * (len(shots) - 1) / 2, METHODS)
-    ax.set_ylim(0.4, 1.0)
-    ax.set_ylabel("mean I-AUROC")
-    ax.set_title("Synthetic benchmark, offline extractors")
-    ax.legend(loc="lower right")
+    for ax, preset in zip(axes[0], presets, strict=True):
+        for j, shot in enumerate(shots):
+            means = [
+                np.mean(
+                    [
+                        r["image_auroc"]
+                        for r in rows
+                        if (r["preset"], r["method"], r["shots"]) == (preset, m, shot)
+                    ]
+                    or [np.nan]
+                )
+                for m in methods
+            ]
+            ax.bar(np.arange(len(methods)) + j * width, means, width, label=f"{shot}-shot")
+        ax.set_xticks(np.arange(len(methods)) + width * (len(shots) - 1) / 2, methods, rotation=30)
+        ax.set_ylim(0.4, 1.0)
+        ax.set_title(f"{preset} preset")
+        ax.set_ylabel("mean I-AUROC")
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -295,41 +364,55 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    csv_list = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    int_list = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     p.add_argument(
-        "--data", type=Path, help="MVTec-layout dataset (default: generate the synthetic one)"
+        "--data", type=Path, help="MVTec-layout dataset (default: the synthetic benchmark)"
     )
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    p.add_argument("--categories", help="comma-separated (default: all)")
-    p.add_argument("--shots", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[42, 43, 44])
+    p.add_argument("--split", choices=["dev", "report", "all"], default="report")
     p.add_argument(
-        "--thetas", type=lambda s: [float(x) for x in s.split(",")], default=[0.05, 0.1, 0.2, 0.4]
+        "--categories", type=csv_list, help="comma-separated (default: those of --split)"
     )
+    p.add_argument(
+        "--one-to-many",
+        type=csv_list,
+        help="which categories are one-to-many (default: from synth.json)",
+    )
+    p.add_argument("--presets", type=csv_list, default=[DEFAULT_EXTRACTORS, "offline"])
+    p.add_argument("--methods", type=csv_list, default=[*FAMILY, *BASELINES])
+    p.add_argument("--shots", type=int_list, default=[1, 4])
+    p.add_argument("--seeds", type=int_list, default=[42, 43, 44])
     p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--resume", action="store_true", help="keep rows already in accuracy.csv")
     p.add_argument(
-        "--quick", action="store_true", help="smoke run: 1 seed, 1 shot, 10 epochs, 2 categories"
+        "--out", type=Path, help="default: bench/results/accuracy (report) or bench/results/dev"
     )
+    p.add_argument("--resume", action="store_true", help="keep rows already in accuracy.csv")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 shot, 10 epochs")
     p.add_argument(
         "--summarise", action="store_true", help="only rewrite the reports from accuracy.csv"
     )
     args = p.parse_args()
     if args.quick:
         args.seeds, args.shots, args.epochs = [42], [1], 10
-        args.categories = args.categories or "dome,speckled"
-        args.out = args.out / "quick"
+    if args.out is None:
+        sub = {"report": "accuracy", "dev": "dev", "all": "accuracy-all"}[args.split]
+        args.out = ROOT / "bench" / "results" / (sub if not args.quick else f"quick-{sub}")
     logging.basicConfig(level=logging.WARNING)
+    data = args.data or bench_data()
+    cats, o2m, kinds = choose_categories(args, data)
+    title = (
+        f"{args.split} categories of {data.name}" if not args.categories else f"{', '.join(cats)}"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     if args.summarise:
         with open(args.out / "accuracy.csv") as fh:
             rows = list(csv.DictReader(fh))
-        print(summarise(rows, args.out, str(FitConfig().scoring.theta)))
+        print(summarise(rows, args.out, o2m, title))
         return
     if not args.resume and (args.out / "accuracy.csv").exists():
         (args.out / "accuracy.csv").unlink()
-    rows = run(args)
-    print(summarise(rows, args.out, str(FitConfig().scoring.theta)))
+    rows = run(args, data, cats, kinds)
+    print(summarise(rows, args.out, o2m, title))
 
 
 if __name__ == "__main__":

@@ -387,11 +387,93 @@ def analyse(args) -> None:
     print(f"wrote {out_csv} ({len(rows)} rows)")
 
 
+PICTURE_TERMS = (
+    ("raw", "3D→RGB discrepancy"),
+    ("plaus", "unreliability d"),
+    ("pts", "RGB→3D discrepancy"),
+    ("cfr", "CFR map (replaced, θ auto)"),
+    ("kvj", "joint distance (KV bank)"),
+    ("btf", "BTF map"),
+)
+
+
+def pictures(args) -> None:
+    """Per development category: two good parts (one of a seen look, one unseen when the
+    category has looks) and three defects, with every term of the CFR family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cfr_core.data.prepare import prepare_sample
+
+    data = bench_data()
+    tag = study_settings(args)[0][0]
+    for shots in args.shots:
+        for cat in args.categories:
+            path = CACHE / "terms" / tag / f"{cat}-{shots}-{args.seeds[0]}.npz"
+            if not path.exists():
+                continue
+            t = load_terms(path)
+            samples = test_samples(data, cat)
+            looks = appearance(cat, t["stems"], "test", t["defects"])
+            seen_looks = appearance(cat, t["shot_stems"], "train")
+            good = [i for i, s in enumerate(samples) if s.label == 0]
+            if looks is not None:
+                seen = [i for i in good if looks[i] in seen_looks]
+                unseen = [i for i in good if looks[i] not in seen_looks]
+                good = (seen[:1] + unseen[:1]) or good[:2]
+            picks = (
+                good[:2]
+                + [
+                    next(i for i, s in enumerate(samples) if s.defect == d)
+                    for d in dict.fromkeys(s.defect for s in samples if s.label == 1)
+                ][:3]
+            )
+            theta = float(np.quantile(t["shot_pred"], 0.99))
+            t["cfr"] = replaced(t, theta) * t["pts"]
+            fig, axes = plt.subplots(
+                len(picks),
+                2 + len(PICTURE_TERMS),
+                figsize=(2 * (2 + len(PICTURE_TERMS)), 2 * len(picks)),
+                dpi=80,
+            )
+            for row, i in enumerate(picks):
+                scan = prepare_sample(samples[i], FitConfig().preprocess)
+                label = samples[i].defect + (
+                    f" ({looks[i]}{', unseen' if looks is not None and looks[i] not in seen_looks else ''})"
+                    if looks is not None
+                    else ""
+                )
+                axes[row, 0].imshow(scan.rgb)
+                axes[row, 0].set_title(label, fontsize=8)
+                axes[row, 1].imshow(t["masks"][i], cmap="gray")
+                axes[row, 1].set_title("ground truth", fontsize=8)
+                for col, (name, title) in enumerate(PICTURE_TERMS, start=2):
+                    m = t[name][i]
+                    fg = t["pts"][i] > 0
+                    vmax = float(np.quantile(t[name][t["pts"] > 0], 0.99)) if fg.any() else 1.0
+                    axes[row, col].imshow(np.where(fg, m, np.nan), cmap="jet", vmin=0, vmax=vmax)
+                    axes[row, col].set_title(title, fontsize=8)
+            for ax in axes.flat:
+                ax.set_xticks([])
+                ax.set_yticks([])
+            fig.suptitle(
+                f"{cat}, {shots} shot(s), seed {args.seeds[0]}: per-pixel terms (colour scale: 99th percentile over the test set)",
+                fontsize=9,
+            )
+            fig.tight_layout()
+            OUT.mkdir(parents=True, exist_ok=True)
+            fig.savefig(OUT / f"diagnosis-{cat}-{shots}shot.png")
+            plt.close(fig)
+            print(f"wrote {OUT / f'diagnosis-{cat}-{shots}shot.png'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("what", choices=["terms", "analyse"])
+    p.add_argument("what", choices=["terms", "analyse", "pictures"])
     p.add_argument("--preset", default="lite")
     p.add_argument(
         "--settings",
@@ -438,6 +520,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.what == "terms":
         run_terms(args)
+    elif args.what == "pictures":
+        pictures(args)
     else:
         analyse(args)
 

@@ -154,6 +154,25 @@ def evaluation_report(
         meta["anomaly_maps (picture)"] = png_markdown(
             gallery(pictures), "anomaly maps: 2 good parts, then defects"
         )
+        meta["test_scores"] = dg.MetadataValue.table(
+            [
+                dg.TableRecord(
+                    {
+                        "scan": f"{s.defect}/{s.stem}",
+                        "score": round(float(ev.scores[i]), 4),
+                        "verdict": "FAIL" if ev.scores[i] > model.threshold else "pass",
+                    }
+                )
+                for i, s in enumerate(samples)
+            ],
+            dg.TableSchema(
+                columns=[
+                    dg.TableColumn("scan", "string"),
+                    dg.TableColumn("score", "float"),
+                    dg.TableColumn("verdict", "string"),
+                ]
+            ),
+        )
     else:
         meta["metrics"] = "no labelled test split configured (CFRData.dataset_root): not computed"
     model.extra["metrics"] = report
