@@ -44,7 +44,7 @@ from cfr_core.data.mvtec import list_categories  # noqa: E402
 from cfr_core.data.synth import ONE_TO_MANY_KINDS  # noqa: E402
 from cfr_core.engine import FeatureCache, build_extractors, evaluate, fit  # noqa: E402
 
-FAMILY = ("cfr", "cfr-noreplace", "cfr-nn", "cfr-cond")
+FAMILY = ("cfr", "cfr-bank", "cfr-noreplace", "cfr-nn", "cfr-cond")
 BASELINES = ("cfm", "btf")
 FIELDS = [
     "preset",

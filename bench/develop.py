@@ -239,7 +239,17 @@ def study_settings(args) -> list[tuple[str, str, dict]]:
 # ----------------------------------------------------------------------------- analysis
 
 PAPER_BLUR = ((5, 1),)
-REPLACING = ("cfr", "cfr-nn", "cfr-cond", "cfr*bank", "cfr*kvj")
+REPLACING = (
+    "cfr",
+    "cfr-nn",
+    "cfr-cond",
+    "cfr*bank",
+    "cfr*kvj",
+    "cfr*b_pts",
+    "cfr*b_rgb",
+    "sqrtcfr*bank",
+    "cfr*bank2",
+)
 HEAVY_BLUR = ((5, 5), (7, 3))
 
 
@@ -276,6 +286,16 @@ def recipe_map(t: dict, recipe: str, theta: float) -> np.ndarray:
         return replaced(t, theta) * t["pts"] * (t["b_rgb"] + t["b_pts"])
     if recipe == "kvj":
         return t["kvj"] * fg
+    if recipe == "cfr*b_pts":
+        return replaced(t, theta) * t["pts"] * t["b_pts"]
+    if recipe == "cfr*b_rgb":
+        return replaced(t, theta) * t["pts"] * t["b_rgb"]
+    if recipe == "sqrtcfr*bank":
+        return np.sqrt(replaced(t, theta) * t["pts"]) * (t["b_rgb"] + t["b_pts"])
+    if recipe == "cfr*bank2":
+        return replaced(t, theta) * t["pts"] * (t["b_rgb"] + t["b_pts"]) ** 2
+    if recipe == "cond*pts*bank":
+        return t["cond"] * t["pts"] * (t["b_rgb"] + t["b_pts"])
     if recipe == "cfr*kvj":
         return replaced(t, theta) * t["pts"] * t["kvj"]
     if recipe == "cond*pts":
@@ -287,16 +307,21 @@ def recipe_map(t: dict, recipe: str, theta: float) -> np.ndarray:
     raise ValueError(recipe)
 
 
-def evaluate(t: dict, maps: np.ndarray, blur, score: str) -> dict[str, float]:
+def evaluate(t: dict, maps: np.ndarray, blur, score: str, with_aupro: bool) -> dict[str, float]:
     m = box_blur(torch.from_numpy(maps), blur)
     if score == "max":
         s = m.reshape(len(m), -1).max(dim=1).values
+    elif score == "peak":  # max / mean of the non-zero values: blind to a uniform shift
+        flat = m.reshape(len(m), -1)
+        nz = (flat != 0).sum(1).clamp_min(1)
+        s = flat.max(dim=1).values / (flat.sum(1) / nz).clamp_min(1e-12)
     else:
         s = image_scores(m)
     labels = t["labels"]
     out = {"i_auroc": image_auroc(s.numpy(), labels)}
-    norm = m if score == "max" else aupro_maps(m)
-    out["aupro_30"] = aupro(norm.numpy(), t["masks"], 0.3, thresholds=99)
+    if with_aupro:
+        norm = m if score == "max" else aupro_maps(m)
+        out["aupro_30"] = aupro(norm.numpy(), t["masks"], 0.3, thresholds=99)
     good = labels == 0
     seen = t.get("seen")
     if seen is not None and (good & ~seen).any() and (good & seen).any():
@@ -356,8 +381,10 @@ def analyse(args) -> None:
                                 else 0.0
                             )
                             for blur_name, blur in (("paper", PAPER_BLUR), ("heavy", HEAVY_BLUR)):
-                                for score in ("ratio", "max"):
-                                    r = evaluate(t, raw, blur, score)
+                                if blur_name not in args.blurs:
+                                    continue
+                                for score in args.scores:
+                                    r = evaluate(t, raw, blur, score, args.aupro)
                                     rows.append(
                                         {
                                             "tag": tag,
@@ -486,6 +513,9 @@ def main() -> None:
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[42])
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--name", default="main", help="name of the analysis CSV")
+    p.add_argument("--aupro", action="store_true", help="also AUPRO@30% (slow)")
+    p.add_argument("--blurs", type=lambda s: s.split(","), default=["paper", "heavy"])
+    p.add_argument("--scores", type=lambda s: s.split(","), default=["ratio", "max"])
     p.add_argument(
         "--recipes",
         type=lambda s: s.split(","),

@@ -3,8 +3,10 @@
 Rerun from a clean clone with ``.venv/bin/python bench/speed.py`` (about 30 min
 on 2 cores; ``--quick`` for a few-minute smoke run; ``--sections`` for a
 subset). It uses the synthetic benchmark data of ``bench/accuracy.py``
-(generated if missing) and two extractor configurations:
+(generated if missing) and three extractor configurations, with the default
+method (cfr-bank):
 
+* ``lite``: ImageNet EfficientNet-Lite0 (weights from its Python package) + FPFH;
 * ``offline``: colour-texture + FPFH, the training-free extractors;
 * ``paper``: DINO ViT-B/8 + Point-MAE with *random* weights (the official
   weights cannot be downloaded here; a forward pass costs the same either way).
@@ -50,7 +52,15 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from cfr_core.config import ExtractorConfig, FitConfig  # noqa: E402
+from cfr_core.config import (  # noqa: E402
+    DEFAULT_EXTRACTORS,
+    DEFAULT_METHOD,
+    ExtractorConfig,
+    FitConfig,
+)
+
+sys.path.insert(0, str(ROOT / "bench"))
+from benchdata import bench_data  # noqa: E402
 
 SECTIONS = ("stages", "fit", "search", "dagster", "stride")
 CATEGORY = "candy"  # a one-to-many category: the case CFR is for
@@ -68,13 +78,13 @@ FLOOR = STAGE_ORDER[:3]
 
 
 def extractor_config(name: str) -> ExtractorConfig:
-    if name == "offline":
-        return ExtractorConfig.preset("offline")
+    if name != "paper":
+        return ExtractorConfig.preset(name)
     random = {"allow_random_weights": True}
     return ExtractorConfig.preset("paper", rgb_options=random, points_options=dict(random))
 
 
-def fit_config(name: str, shots: int, epochs: int, method: str = "cfr") -> FitConfig:
+def fit_config(name: str, shots: int, epochs: int, method: str = DEFAULT_METHOD) -> FitConfig:
     cfg = FitConfig.for_method(method, shots=shots, extractors=extractor_config(name))
     return replace(
         cfg,
@@ -340,13 +350,14 @@ def job_search(size: int, dim: int, queries: int, device: str):
 def job_dagster(root: str, shots: int, epochs: int):
     import dagster as dg
 
-    from cfr_assets.demo import fill_landing, materialize_category, prepare_home
-    from cfr_assets.partitions import category_partitions
-    from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore
+    from cfr_assets.definitions import default_resources
+    from cfr_assets.demo import fill_landing, prepare_home
+    from cfr_assets.resources import CFRData
+    from cfr_assets.runner import run_category
     from cfr_core.engine import build_extractors, evaluate, fit
     from cfr_core.io import save_model
 
-    cfg = fit_config("offline", shots, epochs)
+    cfg = fit_config(DEFAULT_EXTRACTORS, shots, epochs)
     category = "dome"
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
@@ -361,19 +372,16 @@ def job_dagster(root: str, shots: int, epochs: int):
         ev = evaluate(model, root, extractors=ex)
         save_model(model, Path(tmp) / "direct-model")
         direct = time.perf_counter() - t0
-        resources = {
-            "data": CFRData(landing=str(landing), dataset_root=str(root)),
-            "settings": CFRModelSettings(shots=shots, epochs=epochs),
-            "store": CFRStore(root=str(home / "artifacts")),
-        }
+        resources = default_resources(shots=shots, epochs=epochs)
+        resources["data"] = CFRData(landing=str(landing), dataset_root=str(root))
         with dg.DagsterInstance.get() as instance:
-            instance.add_dynamic_partitions(category_partitions.name, [category])
             t0 = time.perf_counter()
-            result = materialize_category(category, instance, resources, "WARNING")
+            outcome = run_category(category, instance, resources, log_level="WARNING")
             pipeline = time.perf_counter() - t0
             steps = {}
-            for event in result.all_events:
-                if event.event_type_value == "STEP_SUCCESS":
+            for record in instance.get_records_for_run(outcome.run_id).records:
+                event = record.event_log_entry.dagster_event
+                if event is not None and event.event_type_value == "STEP_SUCCESS":
                     steps[event.step_key] = event.event_specific_data.duration_ms / 1000.0
     return {
         "category": category,
@@ -381,7 +389,7 @@ def job_dagster(root: str, shots: int, epochs: int):
         "epochs": epochs,
         "direct": direct,
         "pipeline": pipeline,
-        "success": bool(result.success),
+        "success": bool(outcome.success),
         "steps": steps,
         "direct_image_auroc": ev.report.image_auroc,
     }
@@ -396,7 +404,7 @@ def job_stride(root: str, config: str, categories, shots_list, epochs: int, stri
     out = []
     for category in categories:
         for shots in shots_list:
-            for method in ("cfr", "btf"):
+            for method in (DEFAULT_METHOD, "btf"):
                 model = fit(root, category, fit_config(config, shots, epochs, method), cache, ex)
                 for stride in strides:
                     r = evaluate(with_stride(model, stride), root, cache, ex).report
@@ -483,7 +491,7 @@ def run(args) -> dict:
             if config == "paper":
                 cats, shots, epochs = [CATEGORY], [1], args.paper_epochs
             else:
-                cats = ["speckled"] if q else ["candy", "dome", "ribbed", "speckled"]
+                cats = ["speckled"] if q else ["candy", "dome", "knob", "ribbed", "speckled"]
                 shots, epochs = ([1], 10) if q else ([1, 4], 100)
             res, _ = _run(job_stride, root, config, cats, shots, epochs, args.strides)
             entries += res
@@ -777,7 +785,6 @@ def main() -> None:
     p.add_argument(
         "--data",
         type=Path,
-        default=ROOT / "bench" / ".data" / "synth-256",
         help="MVTec-layout dataset with category 'candy' (default: the synthetic benchmark)",
     )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -787,7 +794,9 @@ def main() -> None:
         default=list(SECTIONS),
         help=f"comma-separated subset of {','.join(SECTIONS)}",
     )
-    p.add_argument("--configs", type=lambda s: s.split(","), default=["offline", "paper"])
+    p.add_argument(
+        "--configs", type=lambda s: s.split(","), default=[DEFAULT_EXTRACTORS, "offline", "paper"]
+    )
     p.add_argument("--strides", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
     p.add_argument(
         "--paper-epochs",
@@ -811,18 +820,9 @@ def main() -> None:
     if args.summarise:
         results = json.loads((args.out / "speed.json").read_text())
     else:
-        _ensure_data(args.data)
+        args.data = args.data or bench_data()
         results = run(args)
     print(summarise(results, args.out))
-
-
-def _ensure_data(root: Path) -> None:
-    if (root / CATEGORY).is_dir():
-        return
-    from cfr_core.data.synth import SynthConfig, generate
-
-    print(f"generating the synthetic benchmark in {root} ...", flush=True)
-    generate(root, SynthConfig(size=256, seed=0))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ METHODS: dict[str, str] = {
     "cfr-noreplace": "cyclic GeGLU mappers, no replacement",
     "cfr-nn": "cyclic GeGLU mappers; replacement by the value of the nearest 3D key",
     "cfr-cond": "cyclic GeGLU mappers; replacement by the top-k value closest to the observed RGB feature",
+    "cfr-bank": "cfr, each pixel's crossmodal discrepancy weighted by how novel its observed RGB "
+    "and 3D features are to CFR's own RGB and key banks",
     "btf": "retrieval only: nearest-neighbour distance in a coreset of concatenated RGB+3D features",
 }
 EXTRACTOR_PRESETS: dict[str, tuple[str, str]] = {
@@ -27,6 +29,8 @@ EXTRACTOR_PRESETS: dict[str, tuple[str, str]] = {
     "offline": ("color_texture", "fpfh"),
     "paper": ("dino_vit", "point_mae"),
 }
+#: the method that `cfr fit`, `cfr demo` and the pipeline use unless told otherwise
+DEFAULT_METHOD = "cfr-bank"
 #: the preset that `cfr fit`, `cfr demo`, the pipeline and the benches use unless told otherwise
 DEFAULT_EXTRACTORS = "offline"
 #: training-free extractors: per-pixel features, noisier than 28×28 ViT patches
@@ -209,7 +213,17 @@ class FitConfig:
     @property
     def replacement(self) -> str | None:
         """How unreliable reconstructions are replaced: attention, nn, cond or None."""
-        return {"cfr": "attention", "cfr-nn": "nn", "cfr-cond": "cond"}.get(self.method)
+        return {
+            "cfr": "attention",
+            "cfr-bank": "attention",
+            "cfr-nn": "nn",
+            "cfr-cond": "cond",
+        }.get(self.method)
+
+    @property
+    def bank_novelty(self) -> bool:
+        """Weight the crossmodal map by the observed features' novelty to the banks (cfr-bank)."""
+        return self.method == "cfr-bank"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -122,7 +122,19 @@ def pixel_values(
         p_rgb, p_3d = model.mappers(f_rgb, f_3d)
     p_rgb, n_rep = replace_unreliable(model, p_rgb, f_rgb, f_3d, timer)
     with timer("scoring"):
-        return discrepancy(p_rgb, f_rgb) * discrepancy(p_3d, f_3d), n_rep
+        values = discrepancy(p_rgb, f_rgb) * discrepancy(p_3d, f_3d)
+    if model.config.bank_novelty:
+        with timer("bank search"):
+            values = values * bank_novelty(model, f_rgb, f_3d)
+    return values, n_rep
+
+
+def bank_novelty(model: FittedModel, f_rgb: torch.Tensor, f_3d: torch.Tensor) -> torch.Tensor:
+    """(N,) novelty of observed features: (1 - max cos to the RGB bank) + (1 - max cos to the
+    key bank). Near 0 for what the shots showed, larger for appearance or geometry never seen."""
+    rgb, _ = topk_cosine(f_rgb, model.banks.rgb, 1)
+    pts, _ = topk_cosine(f_3d, model.banks.keys, 1)
+    return (1.0 - rgb[:, 0]) + (1.0 - pts[:, 0])
 
 
 def upsample_samples(coarse: torch.Tensor, stride: int, size: int) -> torch.Tensor:

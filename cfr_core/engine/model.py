@@ -53,7 +53,7 @@ class FittedModel:
     def variant(self, method: str | None = None, theta: float | None = None) -> FittedModel:
         """A copy sharing every fitted part, scored as ``method`` and/or at replacement ``theta``.
 
-        The CFR family (cfr, cfr-noreplace, cfr-nn, cfr-cond) differs only at
+        The CFR family (cfr, cfr-bank, cfr-noreplace, cfr-nn, cfr-cond) differs only at
         inference, so one fit serves them all.
         """
         config = self.config
