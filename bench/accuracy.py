@@ -37,9 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchdata import bench_data  # noqa: E402
+from benchdata import bench_data, record_scores  # noqa: E402
 
-from cfr_core.config import DEFAULT_EXTRACTORS, ExtractorConfig, FitConfig  # noqa: E402
+from cfr_core.config import (  # noqa: E402
+    DEFAULT_EXTRACTORS,
+    DEFAULT_METHOD,
+    ExtractorConfig,
+    FitConfig,
+)
 from cfr_core.data.mvtec import list_categories  # noqa: E402
 from cfr_core.data.synth import ONE_TO_MANY_KINDS  # noqa: E402
 from cfr_core.engine import FeatureCache, build_extractors, evaluate, fit  # noqa: E402
@@ -167,6 +172,8 @@ def run(args, data: Path, cats: list[str], kinds: dict[str, str]) -> list[dict]:
                             variant = model.variant(method)
                             ev = evaluate(variant, data, cache, extractors)
                             record(row(preset, method, cat, kind, shots, seed, variant, ev, fit_s))
+                            if method == DEFAULT_METHOD:
+                                record_scores(args.out, data, cat, variant, ev, cache, extractors)
                     for method in (m for m in todo if m in BASELINES):
                         t0 = time.perf_counter()
                         model = fit(
@@ -409,8 +416,9 @@ def main() -> None:
             rows = list(csv.DictReader(fh))
         print(summarise(rows, args.out, o2m, title))
         return
-    if not args.resume and (args.out / "accuracy.csv").exists():
-        (args.out / "accuracy.csv").unlink()
+    if not args.resume:
+        for name in ("accuracy.csv", "scores.jsonl"):
+            (args.out / name).unlink(missing_ok=True)
     rows = run(args, data, cats, kinds)
     print(summarise(rows, args.out, o2m, title))
 

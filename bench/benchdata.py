@@ -7,9 +7,16 @@ generator's default, so that a difference of ~0.02 I-AUROC is not noise alone).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from cfr_core.config import EXTRACTOR_PRESETS, ExtractorConfig
+from cfr_core.data.fewshot import select_shots
+from cfr_core.data.mvtec import index_category
 from cfr_core.data.synth import DEV_CATEGORIES, REPORT_CATEGORIES, SynthConfig, generate
+from cfr_core.engine.features import extract_features
+from cfr_core.engine.fit import calibrate, calibration_samples
+from cfr_core.engine.infer import infer
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_CONFIG = SynthConfig(
@@ -30,3 +37,38 @@ def bench_data(root: Path | None = None) -> Path:
         print(f"generating the synthetic benchmark in {root} ...", flush=True)
         generate(root, BENCH_CONFIG, overwrite=True)
     return root
+
+
+def preset_of(extractors: ExtractorConfig) -> str:
+    """The preset name of an extractor pair (or 'rgb+points')."""
+    pair = (extractors.rgb, extractors.points)
+    return next((k for k, v in EXTRACTOR_PRESETS.items() if v == pair), "+".join(pair))
+
+
+def record_scores(out: Path, data: Path, cat: str, model, ev, cache, extractors) -> None:
+    """Append one model's calibration and test scores to ``out/scores.jsonl`` (for bench/gate.py).
+
+    ``model`` is calibrated here as ``fit`` calibrates it (validation/good), so its
+    threshold and gate threshold are those the pipeline would deploy.
+    """
+    cfg = model.config
+    index = index_category(data, cat).require_train()
+    shots = select_shots(index, cfg.shots, cfg.fewshot_seed).samples
+    val, source = calibration_samples(data, cat, shots)
+    features = extract_features(val, extractors, cfg.preprocess, cache)
+    calibrate(model, features, source)
+    line = {
+        "preset": preset_of(cfg.extractors),
+        "method": cfg.method,
+        "category": cat,
+        "shots": cfg.shots,
+        "seed": cfg.fewshot_seed,
+        "calibration": [round(float(x), 5) for x in infer(model, features).scores],
+        "threshold": model.threshold,
+        "gate_threshold": model.gate_threshold,
+        "test_scores": [round(float(x), 5) for x in ev.scores],
+        "test_labels": [int(x) for x in ev.labels],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "scores.jsonl", "a") as fh:
+        fh.write(json.dumps(line) + "\n")

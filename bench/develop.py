@@ -424,6 +424,200 @@ PICTURE_TERMS = (
 )
 
 
+# ----------------------------------------------------------------------------- decisions
+
+#: how the analysis names the deployed method's map
+AS_METHOD = {"cfr*bank": "cfr-bank", "noreplace": "cfr-noreplace"}
+
+
+def study_rows() -> dict[tuple, dict]:
+    """Every analysed row of every study-*.csv, one per (setting, category, shots, seed, recipe,
+    θ rule, blur, score)."""
+    rows: dict[tuple, dict] = {}
+    for path in sorted(OUT.glob("study-*.csv")):
+        with open(path) as fh:
+            for r in csv.DictReader(fh):
+                key = tuple(
+                    r[k]
+                    for k in (
+                        "tag",
+                        "category",
+                        "shots",
+                        "seed",
+                        "recipe",
+                        "theta",
+                        "blur",
+                        "score",
+                    )
+                )
+                rows[key] = r
+    return rows
+
+
+def _cell(rows, tag, shots, recipe, theta, blur, score, cats, field="i_auroc"):
+    vals = []
+    for cat in cats:
+        r = rows.get((tag, cat, str(shots), "42", recipe, theta, blur, score))
+        if r is None or r.get(field, "") == "":
+            return None
+        vals.append(float(r[field]))
+    return float(np.mean(vals))
+
+
+def decisions(args) -> None:
+    """Tables behind every default of the lite preset, from the analysed studies."""
+    rows = study_rows()
+    cats = list(DEV_CATEGORIES)
+    o2m = [c for c in cats if KINDS[c] != "control"]
+
+    def th(recipe):
+        return "pred-q0.99" if recipe in REPLACING else "-"
+
+    def fmt(v):
+        return "–" if v is None else f"{v:.3f}"
+
+    def md_row(label, cells):
+        return f"| {label} | " + " | ".join(map(fmt, cells)) + " |"
+
+    lines = [
+        "# Development decisions (bench/develop.py decisions)",
+        "",
+        f"Development categories {', '.join(cats)}; few-shot seed 42; mean image AUROC "
+        f"over all five and over the one-to-many four ({', '.join(o2m)}). Unless a table "
+        "varies it: lite preset, standardised features, heavy blur, ratio image score, θ "
+        "from the shots (pred-q0.99). Report categories were never loaded.",
+        "",
+        "## Method and preset (heavy blur, ratio score)",
+        "",
+        "| method | lite 1-shot | lite 1-shot one-to-many | lite 4-shot | lite 4-shot one-to-many "
+        "| offline 1-shot | offline 1-shot one-to-many |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for recipe in ("cfr", "cfr*bank", "noreplace", "cfm", "btf"):
+        cells = [
+            _cell(rows, tag, shots, recipe, th(recipe), "heavy", "ratio", sub)
+            for tag, shots in (("lite-default", 1), ("lite-default", 4), ("offline-default", 1))
+            for sub in (cats, o2m)
+        ]
+        lines.append(md_row(AS_METHOD.get(recipe, recipe), cells))
+    lines += [
+        "",
+        "## Blur (lite, 1 shot, ratio score)",
+        "",
+        "| method | paper (one 5×5) | heavy (five 5×5 + three 7×7) |",
+        "|---|---|---|",
+    ]
+    for recipe in ("cfr", "cfr*bank", "noreplace", "cfm", "btf"):
+        cells = [
+            _cell(rows, "lite-default", 1, recipe, th(recipe), b, "ratio", cats)
+            for b in ("paper", "heavy")
+        ]
+        lines.append(md_row(AS_METHOD.get(recipe, recipe), cells))
+    lines += [
+        "",
+        "## Image score (lite, heavy blur)",
+        "",
+        "| method | shots | ratio (max / sqrt(mean), the paper's) | max |",
+        "|---|---|---|---|",
+    ]
+    for recipe in ("cfr*bank", "btf"):
+        for shots in (1, 4):
+            cells = [
+                _cell(rows, "lite-default", shots, recipe, th(recipe), "heavy", sc, cats)
+                for sc in ("ratio", "max")
+            ]
+            lines.append(
+                f"| {AS_METHOD.get(recipe, recipe)} | {shots} | "
+                + " | ".join(map(fmt, cells))
+                + " |"
+            )
+    lines += [
+        "",
+        "## θ, the replacement threshold (lite, heavy blur, ratio score)",
+        "",
+        "pred-qQ: the Q quantile of the unreliability of the mappers' predictions on the shots' "
+        "own pixels (what `ScoringConfig.theta = 'auto'` computes at fit time); real-qQ: the "
+        "same quantile of the real RGB features' distance to the RGB bank; numbers: fixed θ. "
+        "Replaced: share of good test pixels replaced.",
+        "",
+        "| θ rule | cfr 1-shot | cfr-bank 1-shot | replaced 1-shot | cfr 4-shot | cfr-bank 4-shot "
+        "| replaced 4-shot |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for rule in (
+        "0.05",
+        "0.1",
+        "0.2",
+        "0.4",
+        "real-q0.9",
+        "real-q0.99",
+        "pred-q0.9",
+        "pred-q0.99",
+        "pred-q0.999",
+    ):
+        cells = []
+        for shots in (1, 4):
+            cells += [
+                _cell(rows, "lite-default", shots, rec, rule, "heavy", "ratio", cats)
+                for rec in ("cfr", "cfr*bank")
+            ]
+            cells.append(
+                _cell(rows, "lite-default", shots, "cfr", rule, "heavy", "ratio", cats, "replaced")
+            )
+        lines.append(md_row(rule, cells))
+    lines += [
+        "",
+        "## Standardisation of the features (lite, heavy blur, ratio score)",
+        "",
+        "| method | standardised 1-shot | raw 1-shot | standardised 4-shot | raw 4-shot |",
+        "|---|---|---|---|---|",
+    ]
+    for recipe in ("cfr*bank", "cfm", "btf"):
+        cells = [
+            _cell(rows, tag, shots, recipe, th(recipe), "heavy", "ratio", cats)
+            for shots in (1, 4)
+            for tag in ("lite-default", "lite-nostd")
+        ]
+        lines.append(md_row(AS_METHOD.get(recipe, recipe), cells))
+    lines += [
+        "",
+        "## How the bank novelty enters the score (lite, heavy blur, ratio score)",
+        "",
+        "b_rgb / b_pts: 1 − max cosine of the observed RGB / 3D feature to CFR's RGB / key "
+        "bank; bank = b_rgb + b_pts.",
+        "",
+        "| recipe | 1-shot | 4-shot |",
+        "|---|---|---|",
+    ]
+    for recipe in (
+        "cfr",
+        "bank",
+        "cfr*b_rgb",
+        "cfr*b_pts",
+        "cfr*bank",
+        "sqrtcfr*bank",
+        "cfr*bank2",
+    ):
+        cells = [
+            _cell(rows, "lite-default", shots, recipe, th(recipe), "heavy", "ratio", cats)
+            for shots in (1, 4)
+        ]
+        note = ""
+        if None in cells:  # analysed without replacement
+            note = " (no replacement)"
+            cells = [
+                _cell(rows, "lite-default", shots, recipe, "-", "heavy", "ratio", cats)
+                for shots in (1, 4)
+            ]
+        lines.append(md_row(recipe + note, cells))
+    notes = OUT / "notes.md"
+    text = "\n".join(lines) + "\n"
+    (OUT / "decisions.md").write_text(text)
+    print(text)
+    if notes.exists():
+        print(f"(the reading of these tables: {notes})")
+
+
 def pictures(args) -> None:
     """Per development category: two good parts (one of a seen look, one unseen when the
     category has looks) and three defects, with every term of the CFR family."""
@@ -500,7 +694,7 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("what", choices=["terms", "analyse", "pictures"])
+    p.add_argument("what", choices=["terms", "analyse", "pictures", "decisions"])
     p.add_argument("--preset", default="lite")
     p.add_argument(
         "--settings",
@@ -552,6 +746,8 @@ def main() -> None:
         run_terms(args)
     elif args.what == "pictures":
         pictures(args)
+    elif args.what == "decisions":
+        decisions(args)
     else:
         analyse(args)
 

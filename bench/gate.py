@@ -2,28 +2,36 @@
 
 New "good" scans that operators drop into the landing folder are scored by the
 deployed model before they may enter the shot library; a scan above the gate
-threshold is quarantined. This script fits the pipeline's model (default
-preset, 4 shots, the calibration the pipeline uses: validation/good), scores
-every test scan of a category, and measures for each candidate gate rule:
+threshold (the highest score of the normal calibration scans × (1 + margin),
+calibrated as the pipeline does: validation/good) is quarantined. For each
+candidate margin this script measures, over categories and few-shot seeds:
 
 * **false quarantine**: the share of good test scans (never seen by the model)
-  above the gate threshold — good parts an operator would have to release;
+  above the gate threshold, i.e. good parts an operator would have to release;
 * **catch rate**: the share of defective test scans above the gate threshold.
 
-The rule is chosen on the development categories (``--split dev``), then the
-report categories are measured with it. Writes ``bench/results/gate.{md,csv}``.
+It reads the scores that the fits of the default method left in ``scores.jsonl``:
 
-    .venv/bin/python bench/gate.py --split dev
-    .venv/bin/python bench/gate.py --split report
+* development categories: ``bench/results/dev/scores.jsonl``, written by
+  ``gate.py collect`` from the models bench/develop.py fitted and saved, or by
+  ``bench/accuracy.py --split dev``; the margin (``ScoringConfig.gate_margin``)
+  is chosen there;
+* report categories: ``bench/results/accuracy/scores.jsonl``, written by
+  ``bench/accuracy.py`` (``--split report``): measured only, with the chosen margin.
+
+Writes ``bench/results/gate.md`` and ``gate.csv``.
+
+    .venv/bin/python bench/gate.py collect --models bench/.cache/models/lite-default
+    .venv/bin/python bench/gate.py
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,140 +40,136 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchdata import bench_data  # noqa: E402
+from benchdata import bench_data, record_scores  # noqa: E402
 
-from cfr_core.config import DEFAULT_EXTRACTORS, ExtractorConfig, FitConfig  # noqa: E402
-from cfr_core.data.synth import DEV_CATEGORIES, REPORT_CATEGORIES  # noqa: E402
-from cfr_core.engine import FeatureCache, build_extractors, evaluate, fit  # noqa: E402
-from cfr_core.engine.features import extract_features  # noqa: E402
-from cfr_core.engine.fit import calibration_samples  # noqa: E402
-from cfr_core.engine.infer import infer  # noqa: E402
+from cfr_core.config import DEFAULT_METHOD, ScoringConfig  # noqa: E402
+from cfr_core.data.synth import DEV_CATEGORIES  # noqa: E402
+from cfr_core.engine import FeatureCache, build_extractors, evaluate  # noqa: E402
+from cfr_core.io.artifacts import load_model  # noqa: E402
+from cfr_core.scoring.maps import gate_threshold  # noqa: E402
 
-MARGINS = (0.05, 0.1, 0.15, 0.25, 0.35, 0.5)
+MARGINS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
 OUT = ROOT / "bench" / "results"
+SOURCES = {"dev": OUT / "dev" / "scores.jsonl", "report": OUT / "accuracy" / "scores.jsonl"}
+CHOSEN = ScoringConfig().gate_margin
 
 
-def scores(
-    data: Path, cat: str, seed: int, preset: str, shots: int, epochs: int, cache, extractors
-):
-    """(calibration scores, test scores, test labels) of the pipeline's model."""
-    cfg = FitConfig.for_method(
-        "cfr", shots=shots, fewshot_seed=seed, extractors=ExtractorConfig.preset(preset)
-    )
-    cfg = replace(
-        cfg,
-        mappers=replace(cfg.mappers, epochs=epochs),
-        retriever=replace(cfg.retriever, epochs=epochs),
-    )
-    model = fit(data, cat, cfg, cache, extractors)
-    from cfr_core.data.fewshot import select_shots
-    from cfr_core.data.mvtec import index_category
+def collect(models: Path, shots: int) -> None:
+    """Scores of the default method on every saved development model ``<cat>-<shots>-<seed>``."""
+    cache = FeatureCache(ROOT / "bench" / ".cache" / "features")
+    data, extractors = bench_data(), None
+    for folder in sorted(models.glob(f"*-{shots}-*")):
+        cat = folder.name.rsplit("-", 2)[0]
+        if cat not in DEV_CATEGORIES:
+            continue
+        model = load_model(folder).variant(DEFAULT_METHOD)
+        extractors = extractors or build_extractors(model.config.extractors)
+        ev = evaluate(model, data, cache, extractors)
+        record_scores(SOURCES["dev"].parent, data, cat, model, ev, cache, extractors)
+        print(f"scored {folder.name} as {DEFAULT_METHOD}", flush=True)
 
-    shots_used = select_shots(index_category(data, cat).require_train(), shots, seed).samples
-    val, _ = calibration_samples(data, cat, shots_used)
-    cal = infer(model, extract_features(val, extractors, cfg.preprocess, cache)).scores.numpy()
-    ev = evaluate(model, data, cache, extractors)
-    return cal, ev.scores, ev.labels
+
+def measure(split: str, shots: int) -> list[dict]:
+    rows = []
+    path = SOURCES[split]
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["method"] != DEFAULT_METHOD or rec["shots"] != shots:
+            continue
+        test, labels = np.array(rec["test_scores"]), np.array(rec["test_labels"])
+        good, bad = test[labels == 0], test[labels == 1]
+        for m in MARGINS if split == "dev" else (CHOSEN,):
+            gate = gate_threshold(rec["calibration"], m)
+            rows.append(
+                {
+                    "split": split,
+                    "preset": rec["preset"],
+                    "category": rec["category"],
+                    "seed": rec["seed"],
+                    "margin": m,
+                    "gate": round(gate, 4),
+                    "false_quarantine": round(float((good > gate).mean()), 4),
+                    "caught": round(float((bad > gate).mean()), 4),
+                    "n_good": len(good),
+                    "n_defective": len(bad),
+                }
+            )
+    return rows
+
+
+def summarise(rows: list[dict], shots: int) -> str:
+    lines = [
+        "# The quality gate: false quarantine and catch rate",
+        "",
+        f"Produced by `bench/gate.py` from the scores of `{DEFAULT_METHOD}` (the default "
+        f"method, {shots} shots, the default preset) in `scores.jsonl`. Gate threshold = the "
+        "highest score of the normal calibration scans (validation/good, as in the pipeline) "
+        "× (1 + margin). False quarantine: good test scans (never seen) above it; caught: "
+        "defective test scans above it. Means over categories and few-shot seeds. Target: "
+        f"false quarantine ≤ 5 % with ≥ 90 % caught. Margin in force: **{CHOSEN:g}** "
+        "(`ScoringConfig.gate_margin`).",
+        "",
+    ]
+    for split, title in (
+        ("dev", "Development categories (where the margin is chosen)"),
+        ("report", "Report categories (measured with the chosen margin only)"),
+    ):
+        sel_split = [r for r in rows if r["split"] == split]
+        if not sel_split:
+            lines += [f"## {title}", "", "(no scores yet)", ""]
+            continue
+        seeds = sorted({r["seed"] for r in sel_split})
+        lines += [
+            f"## {title}",
+            "",
+            f"Seeds {', '.join(map(str, seeds))}.",
+            "",
+            "| margin | false quarantine | caught | per category (FQ / caught) |",
+            "|---|---|---|---|",
+        ]
+        for m in sorted({r["margin"] for r in sel_split}):
+            sel = [r for r in sel_split if r["margin"] == m]
+            fq = np.mean([r["false_quarantine"] for r in sel])
+            caught = np.mean([r["caught"] for r in sel])
+            per = ", ".join(
+                f"{c} {np.mean([r['false_quarantine'] for r in sel if r['category'] == c]):.2f} / "
+                f"{np.mean([r['caught'] for r in sel if r['category'] == c]):.2f}"
+                for c in dict.fromkeys(r["category"] for r in sel)
+            )
+            mark = " **(in force)**" if m == CHOSEN else ""
+            lines.append(f"| {m:g}{mark} | {fq:.3f} | {caught:.3f} | {per} |")
+        lines.append("")
+    notes = OUT / "gate_notes.md"
+    if notes.exists():
+        lines.append(notes.read_text())
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--split", choices=["dev", "report"], default="dev")
-    p.add_argument("--preset", default=DEFAULT_EXTRACTORS)
-    p.add_argument("--shots", type=int, default=4)
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[42, 43, 44])
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--margin", type=float, help="the chosen margin (report: measure only this one)")
+    p.add_argument("what", nargs="?", choices=["collect", "report"], default="report")
+    p.add_argument("--models", type=Path, help="collect: folder of develop.py's saved models")
+    p.add_argument("--shots", type=int, default=4, help="the pipeline's shot count")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    data = bench_data()
-    cats = DEV_CATEGORIES if args.split == "dev" else REPORT_CATEGORIES
-    cache = FeatureCache(ROOT / "bench" / ".cache" / "features")
-    extractors = build_extractors(ExtractorConfig.preset(args.preset))
-    margins = MARGINS if args.margin is None else (args.margin,)
-    rows = []
-    for seed in args.seeds:
-        for cat in cats:
-            cal, test, labels = scores(
-                data, cat, seed, args.preset, args.shots, args.epochs, cache, extractors
-            )
-            for m in margins:
-                gate = float(cal.max() * (1 + m))
-                good, bad = test[labels == 0], test[labels == 1]
-                rows.append(
-                    {
-                        "split": args.split,
-                        "category": cat,
-                        "seed": seed,
-                        "margin": m,
-                        "gate": round(gate, 4),
-                        "false_quarantine": round(float((good > gate).mean()), 4),
-                        "caught": round(float((bad > gate).mean()), 4),
-                        "n_good": len(good),
-                        "n_defective": len(bad),
-                    }
-                )
-            print(
-                f"{cat} seed {seed}: "
-                + "  ".join(
-                    f"m={r['margin']}: FQ {r['false_quarantine']:.2f} caught {r['caught']:.2f}"
-                    for r in rows[-len(margins) :]
-                ),
-                flush=True,
-            )
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"gate-{args.split}.csv"
-    with open(path, "w", newline="") as fh:
+    if args.what == "collect":
+        if args.models is None:
+            p.error("collect needs --models (e.g. bench/.cache/models/lite-default)")
+        collect(args.models, args.shots)
+    rows = measure("dev", args.shots) + measure("report", args.shots)
+    if not rows:
+        sys.exit("no scores.jsonl yet: run `gate.py collect` or bench/accuracy.py first")
+    with open(OUT / "gate.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    summarise()
-
-
-def summarise() -> None:
-    lines = [
-        "# The quality gate: false quarantine and catch rate",
-        "",
-        "Produced by `bench/gate.py`. The gate threshold is the highest score of the normal "
-        "calibration scans (validation/good, as in the pipeline) × (1 + margin). False "
-        "quarantine: good test scans above it; caught: defective test scans above it. Mean "
-        "over categories and few-shot seeds (4 shots, the pipeline's default preset).",
-        "",
-    ]
-    for split in ("dev", "report"):
-        path = OUT / f"gate-{split}.csv"
-        if not path.exists():
-            continue
-        rows = list(csv.DictReader(open(path)))
-        title = (
-            "Development categories (where the margin is chosen)"
-            if split == "dev"
-            else "Report categories (measured with the chosen margin)"
-        )
-        lines += [
-            f"## {title}",
-            "",
-            "| margin | false quarantine | caught | per category (FQ / caught) |",
-            "|---|---|---|---|",
-        ]
-        for m in sorted({float(r["margin"]) for r in rows}):
-            sel = [r for r in rows if float(r["margin"]) == m]
-            fq = np.mean([float(r["false_quarantine"]) for r in sel])
-            caught = np.mean([float(r["caught"]) for r in sel])
-            per = ", ".join(
-                f"{c} {np.mean([float(r['false_quarantine']) for r in sel if r['category'] == c]):.2f} / "
-                f"{np.mean([float(r['caught']) for r in sel if r['category'] == c]):.2f}"
-                for c in dict.fromkeys(r["category"] for r in sel)
-            )
-            lines.append(f"| {m:g} | {fq:.3f} | {caught:.3f} | {per} |")
-        lines.append("")
-    notes = OUT / "gate_notes.md"
-    if notes.exists():
-        lines.append(notes.read_text())
-    (OUT / "gate.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = summarise(rows, args.shots)
+    (OUT / "gate.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

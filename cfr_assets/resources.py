@@ -16,7 +16,7 @@ from typing import Any
 import dagster as dg
 
 from cfr_assets.partitions import PARTITION_TAG
-from cfr_core.config import DEFAULT_EXTRACTORS, ExtractorConfig, FitConfig
+from cfr_core.config import DEFAULT_EXTRACTORS, DEFAULT_METHOD, ExtractorConfig, FitConfig
 from cfr_core.data.landing import ShotLibrary
 from cfr_core.io.stages import StageRef, StageStore
 from cfr_core.paths import check_name
@@ -51,9 +51,9 @@ class CFRData(dg.ConfigurableResource):
 
 
 class CFRModelSettings(dg.ConfigurableResource):
-    """How a category's detector is fitted (defaults: CFR on the default extractor preset)."""
+    """How a category's detector is fitted (defaults: those of `cfr fit`, see cfr_core.config)."""
 
-    method: str = "cfr"
+    method: str = DEFAULT_METHOD
     shots: int = 4
     fewshot_seed: int = 42
     extractors: str = DEFAULT_EXTRACTORS  # lite, offline or paper
@@ -83,6 +83,8 @@ class CFRModelSettings(dg.ConfigurableResource):
                 rgb_options={"checkpoint": self.rgb_weights} if self.rgb_weights else {},
                 points_options={"checkpoint": self.points_weights} if self.points_weights else {},
             )
+        elif self.extractors == "lite" and self.rgb_weights:
+            ex = replace(ex, rgb_options={"checkpoint": self.rgb_weights})
         cfg = FitConfig.for_method(
             self.method, shots=shots or self.shots, fewshot_seed=self.fewshot_seed, extractors=ex
         )

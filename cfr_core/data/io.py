@@ -101,6 +101,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def check_output_folder(target: Path, overwrite: bool) -> None:
+    """Refuse a non-empty existing ``target`` unless ``overwrite`` (before any long work)."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise DataError(
+            "output folder exists and is not empty",
+            target,
+            "choose another folder or pass --overwrite",
+        )
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``path``.
@@ -109,12 +119,7 @@ def atomic_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     exception the temporary folder is deleted and ``path`` is untouched.
     """
     target = Path(path)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise DataError(
-            "output folder exists and is not empty",
-            target,
-            "choose another folder or pass --overwrite",
-        )
+    check_output_folder(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

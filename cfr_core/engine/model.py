@@ -54,14 +54,20 @@ class FittedModel:
         """A copy sharing every fitted part, scored as ``method`` and/or at replacement ``theta``.
 
         The CFR family (cfr, cfr-bank, cfr-noreplace, cfr-nn, cfr-cond) differs only at
-        inference, so one fit serves them all.
+        inference, so one fit serves them all. The pass/fail and gate thresholds were
+        calibrated on this model's scores: a copy that scores differently has none until
+        :func:`cfr_core.engine.fit.calibrate` gives it its own.
         """
         config = self.config
         if method is not None:
             config = replace(config, method=method)
         if theta is not None:
             config = replace(config, scoring=replace(config.scoring, theta=float(theta)))
-        return replace(self, config=config, theta=self.theta if theta is None else float(theta))
+        out = replace(self, config=config, theta=self.theta if theta is None else float(theta))
+        if config != self.config:
+            out.threshold = out.gate_threshold = None
+            out.threshold_source = ""
+        return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """All learned state under stable names (for safetensors)."""
