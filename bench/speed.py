@@ -22,8 +22,8 @@ Sections (each runs in a fresh process, so its peak memory is its own):
   ``cfr_core`` directly;
 * ``stride``  what the scoring stride costs in accuracy (I-AUROC, AUPRO).
 
-Results merge into ``--out``/speed.json (a section rerun replaces only its
-own entry), then speed.md, speed.csv and speed.png are rewritten from it.
+Results merge into ``--out``/speed.json (a section rerun replaces only the
+entries of the configurations it ran), then speed.md, speed.csv and speed.png are rewritten from it.
 """
 
 from __future__ import annotations
@@ -456,7 +456,7 @@ def run(args) -> dict:
             )
             res["peak_rss_mib"] = rss
             entries.append(res)
-        results["stages"] = entries
+        results["stages"] = _merge(results.get("stages"), entries, configs)
         _save(path, results)
     if "fit" in args.sections:
         entries = []
@@ -467,7 +467,7 @@ def run(args) -> dict:
             for r in res:
                 r["peak_rss_mib"] = rss
             entries += res
-        results["fit"] = entries
+        results["fit"] = _merge(results.get("fit"), entries, configs)
         _save(path, results)
     if "search" in args.sections:
         entries = []
@@ -495,7 +495,7 @@ def run(args) -> dict:
                 shots, epochs = ([1], 10) if q else ([1, 4], 100)
             res, _ = _run(job_stride, root, config, cats, shots, epochs, args.strides)
             entries += res
-        results["stride"] = entries
+        results["stride"] = _merge(results.get("stride"), entries, configs)
         _save(path, results)
     results["machine"] = {
         "cpu": platform.processor() or platform.machine(),
@@ -507,6 +507,11 @@ def run(args) -> dict:
     }
     _save(path, results)
     return results
+
+
+def _merge(old: list | None, new: list, configs) -> list:
+    """A rerun of some configurations replaces only their entries of the section."""
+    return [e for e in old or [] if e.get("config") not in configs] + new
 
 
 def _save(path: Path, results: dict) -> None:

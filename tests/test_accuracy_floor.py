@@ -1,7 +1,7 @@
 """Accuracy floors: the shipped defaults must keep finding defects on generated data.
 
 Small and fast (a 128 px control category, a 40×40 grid, 20 epochs), so the floors sit
-well under what the full benchmark measures (bench/results/accuracy.md): they catch a
+well under what the full benchmark measures (bench/results/accuracy/accuracy.md): they catch a
 default that breaks (wrong weights mapping, a scoring bug, a θ that replaces
 everything), not a drift of a point or two.
 """
