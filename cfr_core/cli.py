@@ -133,7 +133,10 @@ def data_check(
             }
             for r in reports
         ]
-        json_out.write_text(json.dumps(payload, indent=2) + "\n")
+        from cfr_core.data.io import atomic_path
+
+        with atomic_path(json_out) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2) + "\n")
     verdict = "FAILED" if n_err or (strict and n_warn) else "OK"
     click.secho(
         f"{verdict}: {n_err} error(s), {n_warn} warning(s) in {len(reports)} categories", bold=True

@@ -226,7 +226,14 @@ def fit_cmd(
     check_device(device)
     check_output_folder(Path(out), overwrite)
     warn_unused_files(root, category, ("train", "validation"))
-    index_category(root, category).require_train()  # no usable train/good: say so before fitting
+    pool = index_category(root, category).require_train()  # none usable: say so before fitting
+    if shots > len(pool):
+        raise ConfigError(
+            f"--shots {shots} but {category}/train/good has {len(pool)} usable scan(s); "
+            f"pass --shots {len(pool)} or fewer"
+        )
+    if Path(out).resolve().is_relative_to(Path(root).resolve()):
+        raise ConfigError(f"--out {out} lies inside the dataset {root}; write the model elsewhere")
     click.echo(f"fitting {method} on {shots} shot(s) of {category} ({preset} extractors)", err=True)
     model = fit(
         root,

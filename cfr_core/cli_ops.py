@@ -15,9 +15,19 @@ from cfr_core.paths import check_content_id, check_name
 
 
 def _registry(home: Path, url: str | None):
+    """The bank registry; the default SQLite one must exist (a mistyped --home is an error)."""
+    from cfr_core.errors import DataError
     from cfr_core.registry import BankRegistry, default_url
 
-    return BankRegistry(url or os.environ.get("CFR_REGISTRY_URL") or default_url(home))
+    url = url or os.environ.get("CFR_REGISTRY_URL") or default_url(home)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise DataError(
+            "no bank registry here",
+            url.removeprefix("sqlite:///"),
+            "pass the Dagster home that the pipeline used (--home or DAGSTER_HOME), "
+            "or run `cfr demo` / `cfr pipeline run` first",
+        )
+    return BankRegistry(url)
 
 
 def _library(home: Path, store: Path | None):
@@ -79,8 +89,24 @@ def registry_list(home: Path, registry_url: str | None, category: str | None, as
 @URL_OPTION
 @_fail_cleanly
 def registry_rollback(category: str, version: int, home: Path, registry_url: str | None):
-    """Point CATEGORY back at an earlier VERSION (one transaction, logged in the deploy log)."""
-    rec = _registry(home, registry_url).rollback(check_name(category), version)
+    """Point CATEGORY back at an earlier VERSION (one transaction, logged in the deploy log).
+
+    The version's model folder is re-hashed first: a folder that is missing or was
+    altered since it was registered is refused, and the live deployment stays.
+    """
+    from cfr_core.io.artifacts import ArtifactError, load_model, verify_model
+
+    reg = _registry(home, registry_url)
+    target = reg.get(check_name(category), version)
+    digest = verify_model(target.model_path)  # manifest and file hashes
+    load_model(target.model_path, verify=False)  # fields
+    if digest != target.model_hash:
+        raise ArtifactError(
+            f"model folder differs from what version {version} registered",
+            target.model_path,
+            "run `cfr audit` to see what changed",
+        )
+    rec = reg.rollback(check_name(category), version)
     click.echo(f"{category}: version {rec.version} is deployed ({rec.model_hash[:12]})")
 
 

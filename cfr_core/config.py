@@ -7,6 +7,7 @@ in every model folder and recorded in lineage, so it must round-trip exactly
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -154,8 +155,12 @@ class ScoringConfig:
         if self.stride < 1:
             raise ConfigError(f"scoring stride must be >= 1, got {self.stride}")
         if self.theta is not None and self.theta != "auto":
-            if isinstance(self.theta, bool) or not isinstance(self.theta, int | float):
-                raise ConfigError(f"theta must be a number or 'auto', got {self.theta!r}")
+            if (
+                isinstance(self.theta, bool)
+                or not isinstance(self.theta, int | float)
+                or not math.isfinite(self.theta)
+            ):
+                raise ConfigError(f"theta must be a finite number or 'auto', got {self.theta!r}")
             object.__setattr__(self, "theta", float(self.theta))
         if not 0.0 < self.theta_quantile <= 1.0:
             raise ConfigError(f"theta_quantile must be in (0, 1], got {self.theta_quantile}")

@@ -245,6 +245,11 @@ class BankRegistry:
             _Base.metadata.create_all(self.engine)
             self._create_heads()
             self._upgrade()
+        except ModuleNotFoundError as exc:
+            raise RegistryError(
+                f"the bank registry at {self.safe_url} needs the database driver {exc.name!r}: "
+                'pip install -e ".[postgres]"'
+            ) from exc
         except (SQLAlchemyError, OSError) as exc:
             raise RegistryError(f"cannot open the bank registry at {self.safe_url}: {exc}") from exc
 

@@ -5,6 +5,7 @@ outside its root is touched, and the previous deployment stays live and
 audit-clean.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -595,3 +596,102 @@ def test_run_monitoring_fails_a_dead_run_and_the_queue_moves_on(tmp_path, synth_
         except subprocess.TimeoutExpired:
             os.killpg(daemon.pid, signal.SIGKILL)
             daemon.wait()
+
+
+# ----------------------------------------------------------------------------- a hostile pass
+
+
+def test_an_absurd_point_cloud_is_refused_never_passed(home, tmp_path, synth_root):
+    from cfr_core.data.io import read_xyz
+
+    sample = next(s for s in index_category(synth_root, "dome").split("test") if s.label == 1)
+    huge = tmp_path / "huge.tiff"
+    write_xyz(huge, read_xyz(sample.xyz_path) * 1e20)
+    model = registry_of(home).deployed("dome").model_path
+    result = CliRunner().invoke(main, ["score", "--model", model, str(sample.rgb_path), str(huge)])
+    assert result.exit_code == 2, result.output
+    assert (
+        "huge.tiff: point cloud coordinates reach" in result.output and "PASS" not in result.output
+    )
+
+
+def test_rollback_refuses_a_model_folder_altered_since_registration(home):
+    registry = registry_of(home)
+    live = registry.deployed("dome")
+    meta = Path(live.model_path) / "model.json"
+    original = meta.read_bytes()
+    cmd = ["registry", "rollback", "dome", str(live.version), "--home", str(home)]
+    meta.write_bytes(original + b" ")
+    try:
+        result = CliRunner().invoke(main, cmd)
+        assert result.exit_code == 2 and "model.json: file content does not match" in result.output
+    finally:
+        meta.write_bytes(original)
+    assert registry.deployed("dome").version == live.version
+    assert CliRunner().invoke(main, cmd).exit_code == 0
+    assert registry.verify() == []
+
+
+def test_a_model_json_with_a_non_finite_threshold_does_not_load(home, tmp_path):
+    model = load_model(registry_of(home).deployed("dome").model_path)
+    model.threshold = float("nan")  # a manifest recomputed by whoever edited it
+    save_model(model, tmp_path / "m")
+    with pytest.raises(ArtifactError, match="threshold must be a finite number"):
+        load_model(tmp_path / "m")
+
+
+def test_output_paths_that_cannot_be_written_are_one_line_errors(tmp_path):
+    from cfr_core.data.io import atomic_path, check_output_folder
+    from cfr_core.errors import DataError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="is a folder; expected the path of a file"):
+        with atomic_path(tmp_path):
+            pass
+    with pytest.raises(DataError, match="part of its path is a file"):
+        with atomic_path(tmp_path / "file" / "out.json"):
+            pass
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(DataError, match="output is a symbolic link"):
+        check_output_folder(tmp_path / "link", overwrite=True)
+    with pytest.raises(DataError, match="exists and is a file"):
+        check_output_folder(tmp_path / "file", overwrite=True)
+
+
+def test_fit_refuses_what_it_cannot_do_before_it_starts(synth_root, tmp_path):
+    base = ["fit", "--data", str(synth_root), "-c", "dome"]
+    runner = CliRunner()
+    many = runner.invoke(main, [*base, "--shots", "99", "--out", str(tmp_path / "m")])
+    assert many.exit_code == 2 and "pass --shots 4 or fewer" in many.output
+    inside = runner.invoke(main, [*base, "--out", str(synth_root / "dome" / "model")])
+    assert inside.exit_code == 2 and "lies inside the dataset" in inside.output
+    nan = runner.invoke(main, [*base, "--theta", "nan", "--out", str(tmp_path / "m")])
+    assert nan.exit_code == 2 and "theta must be a finite number" in nan.output
+    for result in (many, inside, nan):
+        assert "fitting" not in result.output and "Traceback" not in result.output
+    assert not (synth_root / "dome" / "model").exists() and not (tmp_path / "m").exists()
+
+
+def test_a_mistyped_home_is_an_error_not_an_empty_registry(tmp_path):
+    for cmd in (["registry", "list"], ["audit", "--all"], ["registry", "rollback", "dome", "1"]):
+        result = CliRunner().invoke(main, [*cmd, "--home", str(tmp_path / "typo")])
+        assert result.exit_code == 2 and "no bank registry here" in result.output, cmd
+    assert not (tmp_path / "typo").exists()
+
+
+def test_the_quarantine_list_ignores_stray_files_and_release_names_a_missing_file(tmp_path):
+    from cfr_core.errors import DataError
+
+    library = ShotLibrary(tmp_path / "shots")
+    (tmp_path / "shots" / "quarantine").mkdir(parents=True)
+    (tmp_path / "shots" / "quarantine" / "notes.txt").write_text("stray")
+    assert library.quarantine_list() == []
+    scan = library.folder("dome", "a" * 20, True)
+    scan.mkdir(parents=True)
+    (scan / "rgb.png").write_bytes(b"x")
+    rgb_sha = hashlib.sha256(b"x").hexdigest()
+    record = {"content_id": "a" * 20, "rgb_sha256": rgb_sha, "xyz_sha256": "y"}
+    (scan / "scan.json").write_text(json.dumps(record))
+    with pytest.raises(DataError, match="xyz.tiff: quarantined scan is incomplete"):
+        library.release("dome", "a" * 20)
+    assert scan.is_dir()  # nothing moved

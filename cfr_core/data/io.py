@@ -88,7 +88,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     On any exception the temporary file is removed and ``path`` is untouched.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_dir():
+        raise DataError("is a folder; expected the path of a file to write", target)
+    make_parent(target)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -101,8 +103,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def make_parent(target: Path) -> None:
+    """Create ``target``'s parent folders, or say in one line why they cannot be."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise DataError(
+            "cannot create the folder to write into: part of its path is a file",
+            target.parent,
+            "choose another output path",
+        ) from exc
+
+
 def check_output_folder(target: Path, overwrite: bool) -> None:
-    """Refuse a non-empty existing ``target`` unless ``overwrite`` (before any long work)."""
+    """Refuse a non-empty existing ``target`` unless ``overwrite`` (before any long work),
+    and an output that is a symbolic link (replacing it would not replace what it points to)."""
+    if target.is_symlink():
+        raise DataError("output is a symbolic link", target, "give the real folder, or a new path")
+    if target.exists() and not target.is_dir():
+        raise DataError("output exists and is a file, not a folder", target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise DataError(
             "output folder exists and is not empty",
@@ -120,7 +139,7 @@ def atomic_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """
     target = Path(path)
     check_output_folder(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
@@ -189,6 +208,10 @@ def read_mask(path: str | Path) -> np.ndarray:
     return arr > 0
 
 
+#: larger coordinates are not metres from a line scanner (they overflow the geometry maths)
+MAX_COORDINATE = 1e4
+
+
 def read_xyz(path: str | Path) -> np.ndarray:
     """Read an organized point cloud TIFF as float32 H×W×3.
 
@@ -216,7 +239,17 @@ def read_xyz(path: str | Path) -> np.ndarray:
         raise DataError(f"point cloud has shape {arr.shape}; expected H×W×3", path)
     if not np.issubdtype(arr.dtype, np.floating):
         raise DataError(f"point cloud has dtype {arr.dtype}; expected float32 metres", path)
-    return arr.astype(np.float32, copy=False)
+    arr = arr.astype(np.float32, copy=False)
+    with np.errstate(invalid="ignore"):
+        reach = float(np.abs(arr[np.isfinite(arr)]).max(initial=0.0))
+    if reach > MAX_COORDINATE:
+        raise DataError(
+            f"point cloud coordinates reach {reach:.3g}; expected metres, a part within "
+            f"{MAX_COORDINATE:g} m of the sensor",
+            path,
+            "convert the scanner's export to metres (float32 H×W×3)",
+        )
+    return arr
 
 
 def write_rgb(path: str | Path, rgb: np.ndarray) -> None:

@@ -209,6 +209,12 @@ class ShotLibrary:
         meta = read_scan_json(src / "scan.json")
         with atomic_folder(dst, overwrite=True) as tmp:
             for name, key in (("rgb.png", "rgb_sha256"), ("xyz.tiff", "xyz_sha256")):
+                if not (src / name).is_file():
+                    raise DataError(
+                        "quarantined scan is incomplete: this file is missing",
+                        src / name,
+                        "the scan cannot be released; drop it into the landing folder again",
+                    )
                 shutil.copyfile(refuse_symlink(src / name), tmp / name)
                 if sha256_file(tmp / name) != meta.get(key):
                     raise DataError(
@@ -243,10 +249,10 @@ class ShotLibrary:
         base = self.root / "quarantine"
         out = []
         for cat_dir in sorted(base.iterdir()) if base.is_dir() else []:
-            if category and cat_dir.name != category:
-                continue
+            if not cat_dir.is_dir() or (category and cat_dir.name != category):
+                continue  # a stray file beside the category folders holds no scan
             for d in sorted(cat_dir.iterdir()):
-                if (d / "scan.json").exists():
+                if d.is_dir() and (d / "scan.json").exists():
                     out.append(
                         {
                             "category": cat_dir.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,4 +52,11 @@ def score_arrays(
     except DataError as exc:
         raise DataError(exc.reason, source or exc.path, exc.fix) from exc
     result = infer(model, features_of_scans([scan], extractors))
-    return ScanScore(float(result.scores[0]), model.threshold, result.maps[0].numpy(), scan)
+    value = float(result.scores[0])
+    if not math.isfinite(value) or not bool(result.maps[0].isfinite().all()):
+        raise DataError(
+            "the scan's anomaly map is not finite (the point cloud's values break the geometry)",
+            source or None,
+            "check the file with `cfr data check`; re-export it in metres",
+        )
+    return ScanScore(value, model.threshold, result.maps[0].numpy(), scan)

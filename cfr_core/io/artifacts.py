@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import subprocess
 from dataclasses import asdict
@@ -225,6 +226,17 @@ def load_model(folder: str | Path, verify: bool = True) -> FittedModel:
 
 def model_from_parts(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> FittedModel:
     """Rebuild a model from its metadata (``model.json`` fields) and named tensors."""
+    for key in ("threshold", "gate_threshold"):  # what decides PASS/FAIL and the gate
+        value = meta.get(key)
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise ValueError(f"{key} must be a finite number or null, got {value!r}")
+    for key in ("history", "extra", "lineage", "dims"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise ValueError(f"{key} must be an object, got {type(meta[key]).__name__}")
     config = (
         meta["config"]
         if isinstance(meta["config"], FitConfig)
