@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from benchdata import bench_data, record_scores  # noqa: E402
 
-from cfr_core.config import DEFAULT_METHOD, ScoringConfig  # noqa: E402
+from cfr_core.config import DEFAULT_EXTRACTORS, DEFAULT_METHOD, ScoringConfig  # noqa: E402
 from cfr_core.data.synth import DEV_CATEGORIES  # noqa: E402
 from cfr_core.engine import FeatureCache, build_extractors, evaluate  # noqa: E402
 from cfr_core.io.artifacts import load_model  # noqa: E402
@@ -77,6 +77,8 @@ def measure(split: str, shots: int) -> list[dict]:
     for line in path.read_text().splitlines():
         rec = json.loads(line)
         if rec["method"] != DEFAULT_METHOD or rec["shots"] != shots:
+            continue
+        if rec["preset"] != DEFAULT_EXTRACTORS:
             continue
         test, labels = np.array(rec["test_scores"]), np.array(rec["test_labels"])
         good, bad = test[labels == 0], test[labels == 1]
