@@ -263,17 +263,22 @@ def fit_cmd(
     "--maps",
     "maps_dir",
     type=click.Path(path_type=Path),
-    help="Save anomaly-map overlays (PNG) here.",
+    help="Save anomaly-map overlays (PNG) into this new folder (written whole, or not at all).",
 )
+@click.option("--overwrite", is_flag=True, help="Replace the --maps folder if it exists.")
 @click.option("--cache", type=click.Path(path_type=Path), help="Feature cache folder.")
 @_device_option
 @_fail_cleanly
-def evaluate_cmd(model_dir, root, json_out, maps_dir, cache, device):
+def evaluate_cmd(model_dir, root, json_out, maps_dir, overwrite, cache, device):
     """Score every test sample of the model's category and report the metrics."""
-    from cfr_core.data.io import atomic_path
+    from cfr_core.data.io import atomic_folder, atomic_path, check_output_folder
     from cfr_core.engine.features import FeatureCache
     from cfr_core.engine.fit import evaluate, test_samples
 
+    if json_out and Path(json_out).is_dir():
+        raise ConfigError(f"--json {json_out} is a folder; give the path of a file to write")
+    if maps_dir:
+        check_output_folder(Path(maps_dir), overwrite)  # before the long work, not after
     model, extractors = load_checked(model_dir)
     warn_unused_files(root, model.category, ("test",))
     ev = evaluate(
@@ -314,17 +319,17 @@ def evaluate_cmd(model_dir, root, json_out, maps_dir, cache, device):
 
         samples = test_samples(root, model.category)
         vmax = float(np.quantile(ev.result.maps.numpy(), 0.999))
-        for i, sample in enumerate(samples):
-            scan = prepare_sample(sample, model.config.preprocess)
-            pic = overlay(scan.rgb, ev.result.maps[i].numpy(), vmax, ev.masks[i].numpy())
-            verdict = (
-                "FAIL" if model.threshold is not None and ev.scores[i] > model.threshold else "pass"
-            )
-            save_overlay(
-                Path(maps_dir) / f"{sample.defect}_{sample.stem}.png",
-                pic,
-                f"{sample.defect} {sample.stem}  score {ev.scores[i]:.2f}  {verdict}",
-            )
+        with atomic_folder(maps_dir, overwrite) as tmp:
+            for i, sample in enumerate(samples):
+                scan = prepare_sample(sample, model.config.preprocess)
+                pic = overlay(scan.rgb, ev.result.maps[i].numpy(), vmax, ev.masks[i].numpy())
+                failed = model.threshold is not None and ev.scores[i] > model.threshold
+                save_overlay(
+                    tmp / f"{sample.defect}_{sample.stem}.png",
+                    pic,
+                    f"{sample.defect} {sample.stem}  score {ev.scores[i]:.2f}  "
+                    f"{'FAIL' if failed else 'pass'}",
+                )
         click.echo(f"anomaly maps: {maps_dir}")
 
 

@@ -695,3 +695,17 @@ def test_the_quarantine_list_ignores_stray_files_and_release_names_a_missing_fil
     with pytest.raises(DataError, match="xyz.tiff: quarantined scan is incomplete"):
         library.release("dome", "a" * 20)
     assert scan.is_dir()  # nothing moved
+
+
+def test_evaluate_refuses_to_write_maps_over_a_folder_before_scoring(home, synth_root, tmp_path):
+    model = registry_of(home).deployed("dome").model_path
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    (maps / "mine.png").write_bytes(b"keep")
+    cmd = ["evaluate", "--model", model, "--data", str(synth_root), "--maps", str(maps)]
+    result = CliRunner().invoke(main, cmd)
+    assert result.exit_code == 2 and "maps: output folder exists and is not empty" in result.output
+    assert "I-AUROC" not in result.output  # refused before the work
+    assert (maps / "mine.png").read_bytes() == b"keep"
+    result = CliRunner().invoke(main, [*cmd, "--json", str(tmp_path)])
+    assert result.exit_code == 2 and "is a folder" in result.output
