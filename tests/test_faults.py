@@ -709,3 +709,16 @@ def test_evaluate_refuses_to_write_maps_over_a_folder_before_scoring(home, synth
     assert (maps / "mine.png").read_bytes() == b"keep"
     result = CliRunner().invoke(main, [*cmd, "--json", str(tmp_path)])
     assert result.exit_code == 2 and "is a folder" in result.output
+
+
+def test_data_check_lists_every_unusable_category_and_checks_the_rest(synth_copy, tmp_path):
+    shutil.copytree(synth_copy / "dome", synth_copy / "-lead")
+    (tmp_path / "outside").mkdir()
+    shutil.copytree(synth_copy / "candy", tmp_path / "outside" / "candy")
+    (synth_copy / "linked").symlink_to(tmp_path / "outside" / "candy")
+    result = CliRunner().invoke(main, ["data", "check", str(synth_copy)])
+    assert result.exit_code == 1, result.output
+    assert "-lead" in result.output and "linked" in result.output
+    assert "Traceback" not in result.output
+    for good in ("dome", "candy", "speckled", "ribbed"):
+        assert f"\n{good} " in result.output  # still checked and tabulated

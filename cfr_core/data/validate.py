@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cfr_core.data.io import check_scan_size, read_mask, read_rgb, read_xyz
-from cfr_core.data.mvtec import GOOD, Sample, index_category, list_categories
+from cfr_core.data.mvtec import GOOD, SPLITS, Sample, index_category, list_categories
 from cfr_core.data.pointcloud import valid_mask
 from cfr_core.errors import DataError
 
@@ -150,8 +150,18 @@ def check_category(
     min_valid_fraction: float = DEFAULT_MIN_VALID_FRACTION,
     progress: Callable[[int, int], None] | None = None,
 ) -> CategoryReport:
-    """Validate every file of one category (layout and contents)."""
-    index = index_category(root, category)
+    """Validate every file of one category (layout and contents).
+
+    A category that cannot be opened at all (an unsafe folder name, a symbolic link)
+    is one error of its report, so that the other categories are still checked.
+    """
+    try:
+        index = index_category(root, category)
+    except DataError as exc:
+        where = exc.path if exc.path is not None else Path(root) / category
+        return CategoryReport(
+            category, dict.fromkeys(SPLITS, 0), [], [Problem(where, ERROR, exc.reason)], set(), 0.0
+        )
     problems = [Problem(i.path, ERROR, i.reason) for i in index.issues]
     samples = index.all_samples()
     sizes: set[tuple[int, int]] = set()
