@@ -75,7 +75,7 @@ def registry_list(home: Path, registry_url: str | None, category: str | None, as
         f"{'':2}{'category':<12}{'version':>8}  {'model hash':<14}{'I-AUROC':>8}{'threshold':>11}  created"
     )
     for r in rows:
-        auroc = r.metrics.get("image_auroc") if r.metrics else None
+        auroc = r.metrics.get("image_auroc") if isinstance(r.metrics, dict) else None
         click.echo(
             f"{'*' if r.deployed else ' ':2}{r.category:<12}{r.version:>8}  {r.model_hash[:12]:<14}"
             f"{'-' if auroc is None else f'{auroc:.3f}':>8}{r.threshold or 0:>11.4f}  {r.created_at}"

@@ -403,8 +403,20 @@ class BankRegistry:
 
     # ------------------------------------------------------------------ reads
 
-    def list(self, category: str | None = None) -> list[DeploymentRecord]:
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[Session]:
+        """A read session; a row whose JSON or timestamp no longer parses is one clear error."""
         with Session(self.engine) as s:
+            try:
+                yield s
+            except (ValueError, TypeError) as exc:
+                raise RegistryError(
+                    f"a row of the bank registry at {self.safe_url} cannot be read ({exc}); it "
+                    "was edited outside CFR Factory: restore it from a backup"
+                ) from exc
+
+    def list(self, category: str | None = None) -> list[DeploymentRecord]:
+        with self._reading() as s:
             q = select(Deployment).order_by(Deployment.category, Deployment.version)
             if category is not None:
                 q = q.where(Deployment.category == category)
@@ -415,7 +427,7 @@ class BankRegistry:
             return sorted(s.scalars(select(Deployment.category).distinct()))
 
     def deployed(self, category: str) -> DeploymentRecord | None:
-        with Session(self.engine) as s:
+        with self._reading() as s:
             rows = list(
                 s.scalars(
                     select(Deployment).where(Deployment.category == category, Deployment.deployed)
@@ -435,7 +447,7 @@ class BankRegistry:
             if rec is None:
                 raise RegistryError(f"category {category!r} has no deployed version")
             return rec
-        with Session(self.engine) as s:
+        with self._reading() as s:
             row = s.scalar(
                 select(Deployment).where(
                     Deployment.category == category, Deployment.version == version

@@ -722,3 +722,21 @@ def test_data_check_lists_every_unusable_category_and_checks_the_rest(synth_copy
     assert "Traceback" not in result.output
     for good in ("dome", "candy", "speckled", "ribbed"):
         assert f"\n{good} " in result.output  # still checked and tabulated
+
+
+def test_a_registry_row_that_no_longer_parses_is_one_line_not_a_traceback(home):
+    live = registry_of(home).deployed("dome")
+    row_id = f"(select id from cfr_deployments where category='dome' and version={live.version})"
+    _sql(home, f"update cfr_deployments set metrics='not json' where id={row_id}")
+    try:
+        for cmd in (["registry", "list"], ["audit", "--all"]):
+            result = CliRunner().invoke(main, [*cmd, "--home", str(home)])
+            assert result.exit_code == 2, result.output
+            assert "cannot be read" in result.output and "Traceback" not in result.output
+    finally:
+        _sql(
+            home,
+            f"update cfr_deployments set metrics=? where id={row_id}",
+            json.dumps(live.metrics),
+        )
+    assert CliRunner().invoke(main, ["registry", "list", "--home", str(home)]).exit_code == 0
