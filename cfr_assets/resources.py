@@ -16,7 +16,7 @@ from typing import Any
 import dagster as dg
 
 from cfr_assets.partitions import PARTITION_TAG
-from cfr_core.config import DEFAULT_EXTRACTORS, DEFAULT_METHOD, ExtractorConfig, FitConfig
+from cfr_core.config import DEFAULT_EXTRACTORS, DEFAULT_METHOD, FitConfig, preset_extractors
 from cfr_core.data.landing import ShotLibrary
 from cfr_core.io.stages import StageRef, StageStore
 from cfr_core.paths import check_name
@@ -76,15 +76,7 @@ class CFRModelSettings(dg.ConfigurableResource):
         return on_device(build_extractors(cfg.extractors), self.device)
 
     def fit_config(self, shots: int | None = None) -> FitConfig:
-        ex = ExtractorConfig.preset(self.extractors, grid=self.grid)
-        if self.extractors == "paper":
-            ex = replace(
-                ex,
-                rgb_options={"checkpoint": self.rgb_weights} if self.rgb_weights else {},
-                points_options={"checkpoint": self.points_weights} if self.points_weights else {},
-            )
-        elif self.extractors == "lite" and self.rgb_weights:
-            ex = replace(ex, rgb_options={"checkpoint": self.rgb_weights})
+        ex = preset_extractors(self.extractors, self.grid, self.rgb_weights, self.points_weights)
         cfg = FitConfig.for_method(
             self.method, shots=shots or self.shots, fewshot_seed=self.fewshot_seed, extractors=ex
         )

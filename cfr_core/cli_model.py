@@ -16,8 +16,8 @@ from cfr_core.config import (
     DEFAULT_METHOD,
     EXTRACTOR_PRESETS,
     METHODS,
-    ExtractorConfig,
     FitConfig,
+    preset_extractors,
 )
 from cfr_core.errors import ConfigError
 
@@ -28,26 +28,6 @@ MODEL_OPTION = click.option(
     type=click.Path(path_type=Path),
     help="Folder from `cfr fit`.",
 )
-
-
-def _extractor_config(
-    preset: str, rgb_weights, points_weights, random_weights: bool, grid: int
-) -> ExtractorConfig:
-    cfg = ExtractorConfig.preset(preset, grid=grid)
-    if preset == "paper":
-        rgb_opts = {"checkpoint": str(rgb_weights)} if rgb_weights else {}
-        pts_opts = {"checkpoint": str(points_weights)} if points_weights else {}
-        if random_weights:
-            rgb_opts["allow_random_weights"] = pts_opts["allow_random_weights"] = True
-        cfg = replace(cfg, rgb_options=rgb_opts, points_options=pts_opts)
-    elif preset == "lite" and rgb_weights and not (points_weights or random_weights):
-        cfg = replace(cfg, rgb_options={"checkpoint": str(rgb_weights)})
-    elif rgb_weights or points_weights or random_weights:
-        raise ConfigError(
-            "--points-weights / --allow-random-weights need --extractors paper; "
-            "--rgb-weights needs --extractors paper or lite"
-        )
-    return cfg
 
 
 _device_option = click.option(
@@ -63,14 +43,16 @@ def _training_progress(stage: str, epoch: int, epochs: int, loss: float) -> None
         click.echo(f"  {stage}: epoch {epoch}/{epochs}  loss {loss:.4f}", err=True)
 
 
-def warn_unused_files(root: Path, category: str, splits: tuple[str, ...]) -> None:
-    """Print every file of ``splits`` that indexing could not use (never drop one silently)."""
+def warn_unused_files(root: Path, category: str, splits: tuple[str, ...]):
+    """Print every file of ``splits`` that indexing could not use (never drop one silently);
+    return the category's index."""
     from cfr_core.data.mvtec import index_category
 
     root_cat = (Path(root) / category).resolve()
+    index = index_category(root, category)
     issues = [
         i
-        for i in index_category(root, category).issues
+        for i in index.issues
         if any(Path(i.path).resolve().is_relative_to(root_cat / s) for s in splits)
     ]
     if issues:
@@ -81,6 +63,7 @@ def warn_unused_files(root: Path, category: str, splits: tuple[str, ...]) -> Non
         )
         for issue in issues:
             click.secho(f"  {issue.path}: {issue.reason}", fg="yellow", err=True)
+    return index
 
 
 def load_checked(model_dir: Path):
@@ -198,7 +181,6 @@ def fit_cmd(
     normal samples the model did not see (validation/good).
     """
     from cfr_core.data.io import check_output_folder
-    from cfr_core.data.mvtec import index_category
     from cfr_core.engine.features import FeatureCache
     from cfr_core.engine.fit import fit
     from cfr_core.io.artifacts import save_model
@@ -207,8 +189,8 @@ def fit_cmd(
         method,
         shots=shots,
         fewshot_seed=seed,
-        extractors=_extractor_config(
-            preset, rgb_weights, points_weights, allow_random_weights, grid
+        extractors=preset_extractors(
+            preset, grid, rgb_weights, points_weights, allow_random_weights
         ),
     )
     if theta is not None:
@@ -225,8 +207,8 @@ def fit_cmd(
 
     check_device(device)
     check_output_folder(Path(out), overwrite)
-    warn_unused_files(root, category, ("train", "validation"))
-    pool = index_category(root, category).require_train()  # none usable: say so before fitting
+    index = warn_unused_files(root, category, ("train", "validation"))
+    pool = index.require_train()  # none usable: say so before fitting
     if shots > len(pool):
         raise ConfigError(
             f"--shots {shots} but {category}/train/good has {len(pool)} usable scan(s); "
@@ -271,12 +253,17 @@ def fit_cmd(
 @_fail_cleanly
 def evaluate_cmd(model_dir, root, json_out, maps_dir, overwrite, cache, device):
     """Score every test sample of the model's category and report the metrics."""
-    from cfr_core.data.io import atomic_folder, atomic_path, check_output_folder
+    from cfr_core.data.io import (
+        atomic_folder,
+        atomic_path,
+        check_output_file,
+        check_output_folder,
+    )
     from cfr_core.engine.features import FeatureCache
     from cfr_core.engine.fit import evaluate, test_samples
 
-    if json_out and Path(json_out).is_dir():
-        raise ConfigError(f"--json {json_out} is a folder; give the path of a file to write")
+    if json_out:
+        check_output_file(Path(json_out))  # before the long work, not after
     if maps_dir:
         check_output_folder(Path(maps_dir), overwrite)  # before the long work, not after
     model, extractors = load_checked(model_dir)

@@ -76,6 +76,36 @@ class ExtractorConfig:
         return cls(rgb=rgb, points=points, **kwargs)
 
 
+def preset_extractors(
+    preset: str,
+    grid: int = 224,
+    rgb_weights: Any = None,
+    points_weights: Any = None,
+    allow_random_weights: bool = False,
+) -> ExtractorConfig:
+    """A preset's extractors with the weight files a user named (`cfr fit`, the pipeline).
+
+    paper takes both weight files (or random weights, for timing only); lite takes another
+    RGB state dict; anything else takes none, and naming one is an error.
+    """
+    cfg = ExtractorConfig.preset(preset, grid=grid)
+    if preset == "paper":
+        rgb_opts = {"checkpoint": str(rgb_weights)} if rgb_weights else {}
+        pts_opts = {"checkpoint": str(points_weights)} if points_weights else {}
+        if allow_random_weights:
+            rgb_opts["allow_random_weights"] = pts_opts["allow_random_weights"] = True
+        return replace(cfg, rgb_options=rgb_opts, points_options=pts_opts)
+    if preset == "lite" and rgb_weights and not (points_weights or allow_random_weights):
+        return replace(cfg, rgb_options={"checkpoint": str(rgb_weights)})
+    if rgb_weights or points_weights or allow_random_weights:
+        raise ConfigError(
+            "--points-weights / --allow-random-weights need --extractors paper; "
+            "--rgb-weights needs --extractors paper or lite (in pipeline settings: "
+            "points_weights, rgb_weights, extractors)"
+        )
+    return cfg
+
+
 @dataclass(frozen=True)
 class MapperConfig:
     """Crossmodal mappers and their training (paper: GeGLU, four cyclic terms)."""

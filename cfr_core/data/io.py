@@ -88,8 +88,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     On any exception the temporary file is removed and ``path`` is untouched.
     """
     target = Path(path)
-    if target.is_dir():
-        raise DataError("is a folder; expected the path of a file to write", target)
+    check_output_file(target)
     make_parent(target)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
@@ -101,6 +100,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_output_file(target: Path) -> None:
+    """Refuse a file output that is an existing folder (before any long work)."""
+    if target.is_dir():
+        raise DataError("is a folder; expected the path of a file to write", target)
 
 
 def make_parent(target: Path) -> None:
@@ -122,7 +127,7 @@ def check_output_folder(target: Path, overwrite: bool) -> None:
         raise DataError("output is a symbolic link", target, "give the real folder, or a new path")
     if target.exists() and not target.is_dir():
         raise DataError("output exists and is a file, not a folder", target)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+    if target.exists() and any(target.iterdir()) and not overwrite:
         raise DataError(
             "output folder exists and is not empty",
             target,
@@ -240,8 +245,7 @@ def read_xyz(path: str | Path) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.floating):
         raise DataError(f"point cloud has dtype {arr.dtype}; expected float32 metres", path)
     arr = arr.astype(np.float32, copy=False)
-    with np.errstate(invalid="ignore"):
-        reach = float(np.abs(arr[np.isfinite(arr)]).max(initial=0.0))
+    reach = float(np.abs(arr[np.isfinite(arr)]).max(initial=0.0))
     if reach > MAX_COORDINATE:
         raise DataError(
             f"point cloud coordinates reach {reach:.3g}; expected metres, a part within "
