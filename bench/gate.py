@@ -69,8 +69,21 @@ def collect(models: Path, shots: int) -> None:
         print(f"scored {folder.name} as {DEFAULT_METHOD}", flush=True)
 
 
+def oracle_threshold(good: np.ndarray, allowed: float = 0.05) -> float:
+    """The lowest threshold that quarantines at most ``allowed`` of these good scans.
+
+    Chosen on the test scans themselves, so no gate rule can do better on them: its
+    catch rate is the most that any threshold on this score catches at that false
+    quarantine (the bound the detector sets, not a rule to deploy).
+    """
+    ranked = np.sort(good)
+    above = int(np.floor(allowed * len(ranked)))  # good scans allowed above the threshold
+    return float(ranked[len(ranked) - above - 1])
+
+
 def measure(split: str, shots: int) -> list[dict]:
     rows = []
+    margins = MARGINS if split == "dev" else (CHOSEN,)
     path = SOURCES[split]
     if not path.exists():
         return rows
@@ -82,11 +95,13 @@ def measure(split: str, shots: int) -> list[dict]:
             continue
         test, labels = np.array(rec["test_scores"]), np.array(rec["test_labels"])
         good, bad = test[labels == 0], test[labels == 1]
-        for m in MARGINS if split == "dev" else (CHOSEN,):
-            gate = gate_threshold(rec["calibration"], m)
+        gates = [(f"margin {m:g}", m, gate_threshold(rec["calibration"], m)) for m in margins]
+        gates.append(("oracle", float("nan"), oracle_threshold(good)))
+        for rule, m, gate in gates:
             rows.append(
                 {
                     "split": split,
+                    "rule": rule,
                     "preset": rec["preset"],
                     "category": rec["category"],
                     "seed": rec["seed"],
@@ -131,8 +146,9 @@ def summarise(rows: list[dict], shots: int) -> str:
             "| margin | false quarantine | caught | per category (FQ / caught) |",
             "|---|---|---|---|",
         ]
-        for m in sorted({r["margin"] for r in sel_split}):
-            sel = [r for r in sel_split if r["margin"] == m]
+        for rule in dict.fromkeys(r["rule"] for r in sel_split):
+            sel = [r for r in sel_split if r["rule"] == rule]
+            m = sel[0]["margin"]
             fq = np.mean([r["false_quarantine"] for r in sel])
             caught = np.mean([r["caught"] for r in sel])
             per = ", ".join(
@@ -140,8 +156,11 @@ def summarise(rows: list[dict], shots: int) -> str:
                 f"{np.mean([r['caught'] for r in sel if r['category'] == c]):.2f}"
                 for c in dict.fromkeys(r["category"] for r in sel)
             )
-            mark = " **(in force)**" if m == CHOSEN else ""
-            lines.append(f"| {m:g}{mark} | {fq:.3f} | {caught:.3f} | {per} |")
+            if rule == "oracle":
+                label = "best any threshold can do (chosen on these test scans, ≤ 5 %)"
+            else:
+                label = f"{m:g}" + (" **(in force)**" if m == CHOSEN else "")
+            lines.append(f"| {label} | {fq:.3f} | {caught:.3f} | {per} |")
         lines.append("")
     notes = OUT / "gate_notes.md"
     if notes.exists():
