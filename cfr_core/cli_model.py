@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -48,12 +49,14 @@ def warn_unused_files(root: Path, category: str, splits: tuple[str, ...]):
     return the category's index."""
     from cfr_core.data.mvtec import index_category
 
-    root_cat = (Path(root) / category).resolve()
+    # absolute, not resolved: a symlinked split folder is an issue *at* that path, and
+    # resolving it would move it outside the category and hide its warning
+    root_cat = Path(os.path.abspath(Path(root) / category))
     index = index_category(root, category)
     issues = [
         i
         for i in index.issues
-        if any(Path(i.path).resolve().is_relative_to(root_cat / s) for s in splits)
+        if any(Path(os.path.abspath(i.path)).is_relative_to(root_cat / s) for s in splits)
     ]
     if issues:
         click.secho(

@@ -740,3 +740,16 @@ def test_a_registry_row_that_no_longer_parses_is_one_line_not_a_traceback(home):
             json.dumps(live.metrics),
         )
     assert CliRunner().invoke(main, ["registry", "list", "--home", str(home)]).exit_code == 0
+
+
+def test_fit_names_a_symlinked_split_folder_it_cannot_use(synth_copy, tmp_path):
+    """A split folder that is a symlink is refused by indexing; fit must say so, not drop it
+    silently (resolving the link used to move it outside the category and hide the warning)."""
+    val = synth_copy / "dome" / "validation"
+    shutil.move(val, tmp_path / "elsewhere")
+    val.symlink_to(tmp_path / "elsewhere")
+    args = ["fit", "--data", str(synth_copy), "-c", "dome", "--shots", "2", "--grid", "32"]
+    fit = CliRunner().invoke(main, [*args, "--epochs", "2", "--out", str(tmp_path / "m")])
+    assert fit.exit_code == 0, fit.output
+    assert "warning: 1 file(s) of dome not used" in fit.output, fit.output
+    assert str(val) in fit.output and "symlink" in fit.output
