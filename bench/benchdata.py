@@ -57,6 +57,15 @@ def record_scores(out: Path, data: Path, cat: str, model, ev, cache, extractors)
     val, source = calibration_samples(data, cat, shots)
     features = extract_features(val, extractors, cfg.preprocess, cache)
     calibrate(model, features, source)
+    # the pool's other good scans (train/good not used as shots): never seen by the model,
+    # like the library scans a pipeline holds beside its shots (gate.py compares rules)
+    used = {s.key for s in shots}
+    rest = [s for s in index if s.key not in used]
+    pool = (
+        infer(model, extract_features(rest, extractors, cfg.preprocess, cache)).scores
+        if rest
+        else []
+    )
     line = {
         "preset": preset_of(cfg.extractors),
         "method": cfg.method,
@@ -64,6 +73,7 @@ def record_scores(out: Path, data: Path, cat: str, model, ev, cache, extractors)
         "shots": cfg.shots,
         "seed": cfg.fewshot_seed,
         "calibration": [round(float(x), 5) for x in infer(model, features).scores],
+        "unused_train": [round(float(x), 5) for x in pool],
         "threshold": model.threshold,
         "gate_threshold": model.gate_threshold,
         "test_scores": [round(float(x), 5) for x in ev.scores],

@@ -52,6 +52,7 @@ MARGINS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
 OUT = ROOT / "bench" / "results"
 SOURCES = {"dev": OUT / "dev" / "scores.jsonl", "report": OUT / "accuracy" / "scores.jsonl"}
 CHOSEN = ScoringConfig().gate_margin
+CALIBRATION = "validation"  # the normal scans the pipeline calibrates on
 
 
 def collect(models: Path, shots: int) -> None:
@@ -95,8 +96,16 @@ def measure(split: str, shots: int) -> list[dict]:
             continue
         test, labels = np.array(rec["test_scores"]), np.array(rec["test_labels"])
         good, bad = test[labels == 0], test[labels == 1]
-        gates = [(f"margin {m:g}", m, gate_threshold(rec["calibration"], m)) for m in margins]
-        gates.append(("oracle", float("nan"), oracle_threshold(good)))
+        sets = {"validation": rec["calibration"]}
+        if rec.get("unused_train"):  # older records lack them
+            sets["validation + unused train"] = rec["calibration"] + rec["unused_train"]
+        gates = [
+            (name, m, gate_threshold(scores, m))
+            for name, scores in sets.items()
+            if split == "dev" or name == CALIBRATION
+            for m in margins
+        ]
+        gates.append(("oracle", None, oracle_threshold(good)))
         for rule, m, gate in gates:
             rows.append(
                 {
@@ -143,12 +152,11 @@ def summarise(rows: list[dict], shots: int) -> str:
             "",
             f"Seeds {', '.join(map(str, seeds))}.",
             "",
-            "| margin | false quarantine | caught | per category (FQ / caught) |",
+            "| calibration scans, margin | false quarantine | caught | per category (FQ / caught) |",
             "|---|---|---|---|",
         ]
-        for rule in dict.fromkeys(r["rule"] for r in sel_split):
-            sel = [r for r in sel_split if r["rule"] == rule]
-            m = sel[0]["margin"]
+        for rule, m in dict.fromkeys((r["rule"], r["margin"]) for r in sel_split):
+            sel = [r for r in sel_split if r["rule"] == rule and r["margin"] == m]
             fq = np.mean([r["false_quarantine"] for r in sel])
             caught = np.mean([r["caught"] for r in sel])
             per = ", ".join(
@@ -159,7 +167,8 @@ def summarise(rows: list[dict], shots: int) -> str:
             if rule == "oracle":
                 label = "best any threshold can do (chosen on these test scans, ≤ 5 %)"
             else:
-                label = f"{m:g}" + (" **(in force)**" if m == CHOSEN else "")
+                force = m == CHOSEN and rule == CALIBRATION
+                label = f"{rule}, {m:g}" + (" **(in force)**" if force else "")
             lines.append(f"| {label} | {fq:.3f} | {caught:.3f} | {per} |")
         lines.append("")
     notes = OUT / "gate_notes.md"
