@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from cfr_core.config import MapperConfig
-from cfr_core.memory import build_banks, greedy_coreset, nearest_distance, topk_cosine
+from cfr_core.memory import (
+    build_banks,
+    greedy_coreset,
+    max_cosine,
+    nearest_distance,
+    topk_cosine,
+)
 from cfr_core.memory.bank import coreset_size
 from cfr_core.memory.coreset import random_projection
 from cfr_core.memory.search import any_similar
@@ -118,6 +124,20 @@ def test_chunked_search_equals_full():
     assert torch.equal(idx, ref.indices) and torch.allclose(sims, ref.values, atol=1e-6)
     assert torch.allclose(
         nearest_distance(q, bank, budget=700), torch.cdist(q, bank).min(1).values, atol=1e-4
+    )
+    assert torch.equal(
+        max_cosine(q, bank, budget=700), topk_cosine(q, bank, 1, budget=700)[0][:, 0]
+    )
+
+
+@pytest.mark.parametrize("dim", [33, 152, 768])  # narrow (cache-sized chunks) and wide paths
+def test_max_cosine_equals_the_top_1_search_at_feature_widths(dim):
+    torch.manual_seed(5)
+    q, bank = torch.randn(200, dim), torch.randn(500, dim)
+    full = torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(bank, dim=1).T
+    assert torch.allclose(max_cosine(q, bank), full.max(dim=1).values, atol=1e-6)
+    assert torch.equal(
+        max_cosine(q, bank, budget=1000), topk_cosine(q, bank, 1, budget=1000)[0][:, 0]
     )
 
 

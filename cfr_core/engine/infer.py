@@ -18,7 +18,7 @@ from cfr_core.engine.model import FittedModel
 from cfr_core.engine.timing import NO_TIMER, StageTimer
 from cfr_core.errors import ConfigError, ShapeMismatchError
 from cfr_core.memory.bank import joint_features
-from cfr_core.memory.search import any_similar, nearest_distance, topk_cosine
+from cfr_core.memory.search import any_similar, max_cosine, nearest_distance, topk_cosine
 from cfr_core.scoring.maps import box_blur, discrepancy, image_scores
 
 
@@ -32,8 +32,7 @@ class InferenceResult:
 
 def plausibility(pred_rgb: torch.Tensor, rgb_bank: torch.Tensor) -> torch.Tensor:
     """d = 1 - max cosine similarity of each reconstructed RGB feature to the RGB bank (N,)."""
-    sims, _ = topk_cosine(pred_rgb, rgb_bank, 1)
-    return 1.0 - sims[:, 0]
+    return 1.0 - max_cosine(pred_rgb, rgb_bank)
 
 
 def replacement_theta(model: FittedModel) -> float:
@@ -132,9 +131,7 @@ def pixel_values(
 def bank_novelty(model: FittedModel, f_rgb: torch.Tensor, f_3d: torch.Tensor) -> torch.Tensor:
     """(N,) novelty of observed features: (1 - max cos to the RGB bank) + (1 - max cos to the
     key bank). Near 0 for what the shots showed, larger for appearance or geometry never seen."""
-    rgb, _ = topk_cosine(f_rgb, model.banks.rgb, 1)
-    pts, _ = topk_cosine(f_3d, model.banks.keys, 1)
-    return (1.0 - rgb[:, 0]) + (1.0 - pts[:, 0])
+    return (1.0 - max_cosine(f_rgb, model.banks.rgb)) + (1.0 - max_cosine(f_3d, model.banks.keys))
 
 
 def upsample_samples(coarse: torch.Tensor, stride: int, size: int) -> torch.Tensor:

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 
 #: similarity-matrix elements computed at once at most (64 Mi floats = 256 MiB)
 DEFAULT_BUDGET = 1 << 26
-#: features narrower than this are searched NARROW_ROWS queries at a time
-NARROW_DIM = 128
+#: features narrower than this are searched NARROW_ROWS queries at a time (measured on
+#: 2 cores, 9k queries against 20k rows: 152-d 0.55 s -> 0.36 s with 64 rows and amax;
+#: 768-d is compute bound and gains nothing from small chunks)
+NARROW_DIM = 256
 NARROW_ROWS = 64
 
 
@@ -86,6 +88,16 @@ def nearest_distance(
 def _max_cosine(q: torch.Tensor, b: torch.Tensor, budget: int) -> torch.Tensor:
     parts = [block.amax(dim=1) for block in _similarity_chunks(q, b, budget)]
     return torch.cat(parts) if parts else torch.empty(0, device=q.device)
+
+
+def max_cosine(
+    queries: torch.Tensor, bank: torch.Tensor, budget: int = DEFAULT_BUDGET
+) -> torch.Tensor:
+    """(Q,) the highest cosine similarity of each query to any bank row: the values of
+    ``topk_cosine(queries, bank, 1)`` without the indices (``amax`` is ~1.1-2x faster)."""
+    _check(queries, bank)
+    q = F.normalize(queries.float(), dim=1)
+    return _max_cosine(q, F.normalize(bank.float(), dim=1), budget)
 
 
 def any_similar(
