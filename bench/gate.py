@@ -125,14 +125,20 @@ def measure(split: str, shots: int) -> list[dict]:
     return rows
 
 
+def by_rule(rows: list[dict]) -> dict[tuple[str, float | None], tuple[float, float, list]]:
+    """(calibration set, margin) → (mean false quarantine, mean caught, its rows), in order."""
+    out = {}
+    for key in dict.fromkeys((r["rule"], r["margin"]) for r in rows):
+        sel = [r for r in rows if (r["rule"], r["margin"]) == key]
+        fq = float(np.mean([r["false_quarantine"] for r in sel]))
+        out[key] = (fq, float(np.mean([r["caught"] for r in sel])), sel)
+    return out
+
+
 def choose(rows: list[dict]) -> tuple[str, float]:
     """The development choice: (calibration set, margin) with the most defective scans caught
     among those that quarantine ≤ 5 % of good scans on average, else the fewest quarantined."""
-    stats = {}
-    for key in dict.fromkeys((r["rule"], r["margin"]) for r in rows if r["rule"] != "oracle"):
-        sel = [r for r in rows if (r["rule"], r["margin"]) == key]
-        fq = float(np.mean([r["false_quarantine"] for r in sel]))
-        stats[key] = (fq, float(np.mean([r["caught"] for r in sel])))
+    stats = {k: v[:2] for k, v in by_rule(rows).items() if k[0] != "oracle"}
     ok = [k for k, (fq, _) in stats.items() if fq <= 0.05]
     if ok:
         return max(ok, key=lambda k: (stats[k][1], -stats[k][0]))
@@ -169,10 +175,7 @@ def summarise(rows: list[dict], shots: int) -> str:
             "| calibration scans, margin | false quarantine | caught | per category (FQ / caught) |",
             "|---|---|---|---|",
         ]
-        for rule, m in dict.fromkeys((r["rule"], r["margin"]) for r in sel_split):
-            sel = [r for r in sel_split if r["rule"] == rule and r["margin"] == m]
-            fq = np.mean([r["false_quarantine"] for r in sel])
-            caught = np.mean([r["caught"] for r in sel])
+        for (rule, m), (fq, caught, sel) in by_rule(sel_split).items():
             per = ", ".join(
                 f"{c} {np.mean([r['false_quarantine'] for r in sel if r['category'] == c]):.2f} / "
                 f"{np.mean([r['caught'] for r in sel if r['category'] == c]):.2f}"
