@@ -207,6 +207,7 @@ def fit_cmd(
             retriever=replace(cfg.retriever, epochs=epochs),
         )
     from cfr_core.engine.fit import check_device
+    from cfr_core.engine.gate import gate_summary
 
     check_device(device)
     check_output_folder(Path(out), overwrite)
@@ -231,6 +232,7 @@ def fit_cmd(
     digest = save_model(model, out, overwrite=overwrite)
     click.echo(f"shots: {', '.join(s.key for s in model.shots)}")
     click.echo(f"threshold: {model.threshold:.4f} (from {model.threshold_source})")
+    click.echo(f"quality gate: model score <= {model.gate_threshold:.4f}; " + gate_summary(model))
     if model.theta is not None:
         click.echo(f"θ: {model.theta:.4f} ({model.theta_source})")
     click.echo(f"model: {out}  (content hash {digest[:16]})")

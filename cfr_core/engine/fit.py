@@ -29,6 +29,7 @@ from cfr_core.data.fewshot import ShotSelection, select_shots
 from cfr_core.data.io import sha256_file
 from cfr_core.data.mvtec import GOOD, Sample, index_category
 from cfr_core.engine.features import FeatureCache, FeatureSet, build_extractors, extract_features
+from cfr_core.engine.gate import build_library_gate, gate_summary
 from cfr_core.engine.infer import InferenceResult, infer, plausibility
 from cfr_core.engine.model import FittedModel, ShotRecord
 from cfr_core.engine.normalize import FeatureNorm
@@ -251,15 +252,70 @@ def calibration_samples(
     return list(shots), "the shots themselves (optimistic: add validation/good samples)"
 
 
-def calibrate(model: FittedModel, features: FeatureSet, source: str) -> float:
+def calibrate(
+    model: FittedModel, features: FeatureSet, source: str, unseen: FeatureSet | None = None
+) -> float:
     """The line's pass/fail threshold and the quality gate's threshold, from normal samples'
-    scores (:func:`~cfr_core.scoring.maps.decision_threshold`, :func:`~cfr_core.scoring.maps.gate_threshold`)."""
+    scores (:func:`~cfr_core.scoring.maps.decision_threshold`, :func:`~cfr_core.scoring.maps.gate_threshold`).
+
+    The pass/fail threshold comes from ``features`` (validation scans); the gate's from
+    those and ``unseen``, the other good scans the model was not fitted on (the library
+    beside its shots), which show more of the good parts' spread.
+    """
     scores = infer(model, features).scores.tolist()
     scoring = model.config.scoring
     model.threshold = decision_threshold(scores, scoring.threshold_margin)
-    model.gate_threshold = gate_threshold(scores, scoring.gate_margin)
+    more = infer(model, unseen).scores.tolist() if unseen is not None and len(unseen) else []
+    model.gate_threshold = gate_threshold(scores + more, scoring.gate_margin)
     model.threshold_source = source
     return model.threshold
+
+
+def attach_library_gate(model: FittedModel, library: FeatureSet) -> str:
+    """Give ``model`` the gate's library check (:mod:`cfr_core.engine.gate`) built on every
+    good ``library`` scan; a sentence for the log says what was built, or why not."""
+    if len(library) < 2:
+        model.library_gate = None
+        return (
+            f"library check off: {len(library)} good scan(s) in the library, it needs 2 "
+            "(the gate uses the model's score alone)"
+        )
+    t0 = time.perf_counter()
+    model.library_gate = build_library_gate(library, model.config.scoring.library_gate_margin)
+    model.timings["library_gate"] = time.perf_counter() - t0
+    return gate_summary(model)
+
+
+def library_samples(root: str | Path, category: str) -> list[Sample]:
+    """Every good scan outside test: train/good and validation/good (`cfr fit`'s library)."""
+    index = index_category(root, category)
+    return index.split("train") + index.split("validation")
+
+
+def calibrate_and_gate(
+    model: FittedModel,
+    library: Sequence[Sample],
+    calibration: Sequence[Sample],
+    source: str,
+    extractors: tuple[Extractor, Extractor],
+    cache: FeatureCache | None = None,
+) -> str:
+    """Thresholds (:func:`calibrate`) and library check (:func:`attach_library_gate`) of a
+    model fitted on ``model.shots``, from the good ``library`` scans (shots included) and the
+    ``calibration`` scans (validation); features of both are extracted once."""
+    samples = list({s.key: s for s in [*library, *calibration]}.values())
+    features = extract_features(samples, extractors, model.config.preprocess, cache)
+    pos = {s.key: i for i, s in enumerate(samples)}
+    shots = {s.key for s in model.shots}
+    cal = {s.key for s in calibration}
+    unseen = [pos[s.key] for s in samples if s.key not in shots and s.key not in cal]
+    calibrate(
+        model,
+        features.select([pos[s.key] for s in calibration]),
+        source,
+        features.select(unseen) if unseen else None,
+    )
+    return attach_library_gate(model, features.select([pos[s.key] for s in library]))
 
 
 def fit(
@@ -285,7 +341,10 @@ def fit(
     model.timings["shot_features"] = time.perf_counter() - t0
     model.shots = shot_records(selection.samples)
     val, source = calibration_samples(root, category, selection.samples)
-    calibrate(model, extract_features(val, extractors, config.preprocess, cache), source)
+    note = calibrate_and_gate(
+        model, library_samples(root, category), val, source, extractors, cache
+    )
+    log.info(note)
     return model
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cfr_core.config import FitConfig
 from cfr_core.engine.normalize import FeatureNorm
+
+if TYPE_CHECKING:
+    from cfr_core.engine.gate import LibraryGate
 from cfr_core.memory.bank import Banks
 from cfr_core.models.mappers import CrossModalMappers
 from cfr_core.models.retriever import AttentionRetriever
@@ -42,6 +45,7 @@ class FittedModel:
     threshold: float | None = None
     threshold_source: str = ""
     gate_threshold: float | None = None  # the quality gate's (more tolerant) threshold
+    library_gate: LibraryGate | None = None  # the gate's check against every good library scan
     theta: float | None = None  # replacement threshold in force (fixed or calibrated)
     theta_source: str = ""
     shots: list[ShotRecord] = field(default_factory=list)
@@ -67,6 +71,7 @@ class FittedModel:
         if config != self.config:
             out.threshold = out.gate_threshold = None
             out.threshold_source = ""
+            out.library_gate = None
         return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -82,6 +87,8 @@ class FittedModel:
             out.update(self.banks.tensors())
         if self.joint_bank is not None:
             out["bank.joint"] = self.joint_bank
+        if self.library_gate is not None:
+            out.update(self.library_gate.tensors())
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     def to(self, device: torch.device | str) -> FittedModel:

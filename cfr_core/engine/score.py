@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cfr_core.data.prepare import PreparedScan, prepare_arrays
-from cfr_core.engine.features import features_of_scans
+from cfr_core.engine.features import FeatureSet, features_of_scans
 from cfr_core.engine.infer import infer
 from cfr_core.engine.model import FittedModel
 from cfr_core.errors import DataError, ShapeMismatchError
@@ -22,6 +22,7 @@ class ScanScore:
     threshold: float | None
     anomaly_map: np.ndarray  # G×G
     scan: PreparedScan
+    features: FeatureSet | None = None  # the scan's raw features (the gate's library check)
 
     @property
     def verdict(self) -> str:
@@ -51,7 +52,8 @@ def score_arrays(
         scan = prepare_arrays(rgb, xyz, None, model.config.preprocess, key=source)
     except DataError as exc:
         raise DataError(exc.reason, source or exc.path, exc.fix) from exc
-    result = infer(model, features_of_scans([scan], extractors))
+    features = features_of_scans([scan], extractors)
+    result = infer(model, features)
     value = float(result.scores[0])
     if not math.isfinite(value) or not bool(result.maps[0].isfinite().all()):
         raise DataError(
@@ -59,4 +61,4 @@ def score_arrays(
             source or None,
             "check the file with `cfr data check`; re-export it in metres",
         )
-    return ScanScore(value, model.threshold, result.maps[0].numpy(), scan)
+    return ScanScore(value, model.threshold, result.maps[0].numpy(), scan, features)

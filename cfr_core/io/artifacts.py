@@ -3,10 +3,12 @@
 A model folder holds::
 
     model.json          category, full FitConfig, extractor lineage ids, dims,
-                        threshold, shots (paths + sha256), loss history, code
-                        version, and (pipeline models) the stage versions it was
-                        built from
-    weights.safetensors mappers, retriever, banks, feature standardisation
+                        thresholds, shots (paths + sha256), the quality gate's
+                        library check (limits, leave-one-out peaks, library scan
+                        keys), loss history, code version, and (pipeline models)
+                        the stage versions it was built from
+    weights.safetensors mappers, retriever, banks, feature standardisation, the
+                        library check's banks
     <extra files>       e.g. the pipeline's report.json and stage.json
     manifest.json       sha256 of every other file and the folder's content hash
 
@@ -36,6 +38,7 @@ from safetensors.torch import load_file, save_file
 import cfr_core
 from cfr_core.config import FitConfig
 from cfr_core.data.io import atomic_folder, sha256_file
+from cfr_core.engine.gate import LibraryGate
 from cfr_core.engine.model import FittedModel, ShotRecord
 from cfr_core.engine.normalize import FeatureNorm
 from cfr_core.errors import CFRError, DataError
@@ -101,6 +104,8 @@ def model_metadata(model: FittedModel) -> dict[str, Any]:
         "extra": model.extra,
         "code_version": code_version(),
     }
+    if model.library_gate is not None:
+        meta["library_gate"] = model.library_gate.metadata()
     if model.lineage:
         meta["lineage"] = model.lineage
     return meta
@@ -276,4 +281,5 @@ def model_from_parts(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
     if "bank.rgb" in tensors:
         model.banks = Banks(tensors["bank.rgb"], tensors["bank.keys"], tensors["bank.values"])
     model.joint_bank = tensors.get("bank.joint")
+    model.library_gate = LibraryGate.from_parts(meta.get("library_gate"), tensors)
     return model

@@ -1,0 +1,252 @@
+"""The quality gate's library check: does a new scan look like any good scan we already hold?
+
+The deployed model compares a scan with the 1–4 shots it was fitted on, and four
+shots rarely show every finish and pose a category's good parts take: good scans
+unlike the shots score high, so a gate on the model's score alone must either
+quarantine good parts or let weak defects through (bench/results/gate.md). The
+library check adds what the shop floor already has: **every good scan of the
+library** (the pool the shots are drawn from, plus validation scans).
+
+* Its bank: the raw RGB and 3D features of every ``GATE_STRIDE``-th foreground
+  pixel of each library scan, standardised per channel on the library.
+* A scan's **novelty** per modality: 1 − the largest cosine similarity of each
+  sampled pixel to that modality's bank, box-blurred (``GATE_BLUR``); its peak.
+* Its **limits**: each library scan's peak against the bank of the *other*
+  library scans (leave-one-out: a good scan the bank has not seen), the highest
+  of them × (1 + ``ScoringConfig.library_gate_margin``).
+
+A scan enters the library only when its model score is within the model's gate
+threshold *and* both novelty peaks are within their limits (:func:`gate_decision`).
+Stride, blur, the per-modality split and both margins were chosen on the
+development categories (bench/gate.py, bench/results/gate.md). Needs at least two
+library scans (leave-one-out); with fewer the gate uses the model's score alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from cfr_core.engine.features import FeatureSet
+from cfr_core.errors import DataError
+from cfr_core.memory import max_cosine
+from cfr_core.scoring.maps import box_blur
+from cfr_core.scoring.overlay import overlay
+
+#: every GATE_STRIDE-th pixel of the feature grid (both axes) is in the bank and is queried
+GATE_STRIDE = 2
+#: blur of the (strided) novelty map before its peak is taken
+GATE_BLUR = ((5, 3),)
+MODALITIES = ("rgb", "points")
+LABELS = {"rgb": "RGB novelty", "points": "3D novelty"}
+
+
+@dataclass
+class LibraryGate:
+    """Banks, standardisation and limits of the library check (saved with the model)."""
+
+    banks: dict[str, torch.Tensor]  # modality -> N×C standardised rows (float16)
+    stats: dict[str, torch.Tensor]  # modality -> 2×C (mean, std)
+    limits: dict[str, float]  # modality -> novelty peak limit
+    loo_peaks: dict[str, list[float]]  # modality -> leave-one-out peak of each library scan
+    scans: list[str]  # keys of the library scans
+    margin: float
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"gate.{m}": self.banks[m] for m in MODALITIES}
+        out.update({f"gate.{m}_stats": self.stats[m] for m in MODALITIES})
+        return out
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "limits": self.limits,
+            "loo_peaks": self.loo_peaks,
+            "scans": self.scans,
+            "margin": self.margin,
+            "stride": GATE_STRIDE,
+            "blur": [list(b) for b in GATE_BLUR],
+        }
+
+    @classmethod
+    def from_parts(
+        cls, meta: dict[str, Any] | None, tensors: dict[str, torch.Tensor]
+    ) -> LibraryGate | None:
+        """The gate of a saved model, or None (no library check was built for it)."""
+        if meta is None:
+            if any(k.startswith("gate.") for k in tensors):
+                raise ValueError("gate tensors without library_gate in model.json")
+            return None
+        limits = {m: float(meta["limits"][m]) for m in MODALITIES}
+        if not all(v == v and 0 < v < float("inf") for v in limits.values()):
+            raise ValueError(f"library_gate limits must be finite and positive, got {limits}")
+        if (meta.get("stride"), meta.get("blur")) != (
+            GATE_STRIDE,
+            [list(b) for b in GATE_BLUR],
+        ):
+            raise ValueError("library_gate was built with another stride or blur than this code")
+        return cls(
+            banks={m: tensors[f"gate.{m}"] for m in MODALITIES},
+            stats={m: tensors[f"gate.{m}_stats"] for m in MODALITIES},
+            limits=limits,
+            loo_peaks={m: [float(x) for x in meta["loo_peaks"][m]] for m in MODALITIES},
+            scans=[str(s) for s in meta["scans"]],
+            margin=float(meta["margin"]),
+        )
+
+
+def _sampled_rows(features: FeatureSet, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Raw features of sample ``i`` at its strided foreground pixels, and that pixel mask."""
+    fg = features.foreground[i]
+    grid = torch.zeros_like(fg)
+    grid[::GATE_STRIDE, ::GATE_STRIDE] = True
+    mask = fg & grid
+    rows = {
+        "rgb": features.rgb[i][:, mask].T.float(),
+        "points": features.points[i][:, mask].T.float(),
+    }
+    return rows, mask
+
+
+def _standardise(rows: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    return (rows - stats[0]) / stats[1]
+
+
+def _blurred(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The blurred novelty map on the strided grid (background 0)."""
+    full = torch.zeros(mask.shape, dtype=torch.float32)
+    full[mask] = values.float()
+    return box_blur(full[::GATE_STRIDE, ::GATE_STRIDE][None], GATE_BLUR)[0]
+
+
+def _peak(values: torch.Tensor, mask: torch.Tensor) -> float:
+    """Peak of the blurred novelty map."""
+    return float(_blurred(values, mask).max())
+
+
+def build_library_gate(library: FeatureSet, margin: float) -> LibraryGate:
+    """The library check from the features of every good library scan (at least two)."""
+    n = len(library)
+    if n < 2:
+        raise ValueError(f"the library check needs at least 2 good scans, got {n}")
+    fg = library.foreground
+    empty = [library.keys[i] for i in range(n) if not fg[i].any()]
+    if empty:
+        raise DataError(
+            f"library scan {empty[0]} has no foreground pixel (an empty point cloud)",
+            None,
+            "remove it from the shot library (`cfr shots list`)",
+        )
+    stats = {}
+    for m, fmap in (("rgb", library.rgb), ("points", library.points)):
+        rows = fmap.permute(0, 2, 3, 1)[fg].float()
+        stats[m] = torch.stack([rows.mean(0), rows.std(0).clamp_min(1e-3)])
+    pieces = []
+    for i in range(n):
+        rows, mask = _sampled_rows(library, i)
+        pieces.append(({m: _standardise(rows[m], stats[m]) for m in MODALITIES}, mask))
+    loo: dict[str, list[float]] = {m: [] for m in MODALITIES}
+    for i, (rows, mask) in enumerate(pieces):
+        for m in MODALITIES:
+            others = torch.cat([p[0][m] for j, p in enumerate(pieces) if j != i])
+            loo[m].append(round(_peak(1.0 - max_cosine(rows[m], others), mask), 6))
+    limits = {m: max(loo[m]) * (1.0 + margin) for m in MODALITIES}
+    if not all(v > 0 for v in limits.values()):
+        raise DataError(
+            "the library's good scans are identical to each other (no novelty to calibrate on)",
+            None,
+            "add good scans that differ the way production parts do",
+        )
+    banks = {m: torch.cat([p[0][m] for p in pieces]).half().contiguous() for m in MODALITIES}
+    return LibraryGate(banks, stats, limits, loo, list(library.keys), float(margin))
+
+
+def novelty_maps(gate: LibraryGate, features: FeatureSet, i: int = 0) -> dict[str, torch.Tensor]:
+    """Blurred novelty maps of sample ``i`` per modality, on the feature grid (each value
+    repeated over its GATE_STRIDE² pixels); their maxima are :func:`novelty_peaks`."""
+    rows, mask = _sampled_rows(features, i)
+    if not mask.any():  # nothing to compare: never passes
+        return {m: torch.full(mask.shape, float("inf")) for m in MODALITIES}
+    out = {}
+    for m in MODALITIES:
+        values = 1.0 - max_cosine(_standardise(rows[m], gate.stats[m]), gate.banks[m].float())
+        coarse = _blurred(values, mask)
+        grid = coarse.repeat_interleave(GATE_STRIDE, 0).repeat_interleave(GATE_STRIDE, 1)
+        out[m] = grid[: mask.shape[0], : mask.shape[1]]
+    return out
+
+
+def novelty_peaks(gate: LibraryGate, features: FeatureSet) -> list[dict[str, float]]:
+    """Per sample, the novelty peak of each modality against the library bank."""
+    return [
+        {m: float(v.max()) for m, v in novelty_maps(gate, features, i).items()}
+        for i in range(len(features))
+    ]
+
+
+@dataclass
+class GateDecision:
+    """The gate's checks of one scan: name -> (value, limit); it passes when none exceeds."""
+
+    checks: dict[str, tuple[float, float]] = field(default_factory=dict)
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)  # check name -> novelty map
+
+    @property
+    def passed(self) -> bool:
+        return all(value <= limit for value, limit in self.checks.values())
+
+    @property
+    def ratio(self) -> float:
+        """The largest value / limit (≤ 1 passes): one number to sort a quarantine by."""
+        return max((value / limit for value, limit in self.checks.values()), default=0.0)
+
+    def failed(self) -> list[str]:
+        return [name for name, (v, lim) in self.checks.items() if v > lim]
+
+    def describe(self) -> str:
+        """'model score 2.469 > 2.155, RGB novelty 0.41 <= 0.35 ...' (failed checks first)."""
+        order = self.failed() + [k for k in self.checks if k not in self.failed()]
+        parts = []
+        for name in order:
+            value, limit = self.checks[name]
+            parts.append(f"{name} {value:.3f} {'>' if value > limit else '<='} {limit:.3f}")
+        return ", ".join(parts)
+
+
+def gate_heatmap(decision: GateDecision, scanned) -> tuple[np.ndarray, str]:
+    """(picture, caption) of what stopped a scan: the first failed library check's novelty
+    map over the scan (its limit at mid-scale, so what exceeds it is bright), else the
+    model's anomaly map. ``scanned`` is the scan's :class:`~cfr_core.engine.score.ScanScore`."""
+    for name in decision.failed():
+        if name in decision.maps:
+            limit = decision.checks[name][1]
+            picture = overlay(scanned.scan.rgb, decision.maps[name].numpy(), 2.0 * limit)
+            return picture, f"{name} (limit = mid-scale)"
+    return scanned.heatmap(), "model anomaly map"
+
+
+def gate_decision(model, score: float, features: FeatureSet) -> GateDecision:
+    """The quality gate on one scan: the model's score against its gate threshold and,
+    when the model holds a library check, each modality's novelty against its limit."""
+    limit = model.gate_threshold if model.gate_threshold is not None else model.threshold
+    decision = GateDecision()
+    if limit is not None:
+        decision.checks["model score"] = (float(score), float(limit))
+    if model.library_gate is not None:
+        for m, nmap in novelty_maps(model.library_gate, features).items():
+            decision.checks[LABELS[m]] = (float(nmap.max()), model.library_gate.limits[m])
+            decision.maps[LABELS[m]] = nmap
+    return decision
+
+
+def gate_summary(model) -> str:
+    """One line on a model's library check (for `cfr fit` and the pipeline's metadata)."""
+    gate = model.library_gate
+    if gate is None:
+        return "no library check (it needs 2 good library scans)"
+    return (
+        f"library check on {len(gate.scans)} good scans: RGB novelty <= "
+        f"{gate.limits['rgb']:.4f}, 3D novelty <= {gate.limits['points']:.4f}"
+    )
