@@ -336,7 +336,8 @@ def test_gate_quarantines_without_a_rebuild_and_release_requests_one(home):
             q = res["store"].library().quarantine_list("dome")
             assert (
                 len(q) == 1
-                and "above the gate threshold" in q[0]["reason"]
+                and "above the gate of deployed version 1" in q[0]["reason"]
+                and "RGB novelty" in q[0]["reason"]  # every check is named with its limit
                 and q[0]["name"] == "odd"
             )
             assert (

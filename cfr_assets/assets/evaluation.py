@@ -7,7 +7,7 @@ import dagster as dg
 import numpy as np
 import torch
 
-from cfr_assets.assets.shots import stage_result
+from cfr_assets.assets.shots import manifest_samples, stage_result
 from cfr_assets.assets.training import (
     attention_retriever,
     curves,
@@ -26,8 +26,9 @@ from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore
 from cfr_core.audit import audit, verify_lineage
 from cfr_core.data.mvtec import index_category
 from cfr_core.data.prepare import prepare_sample
-from cfr_core.engine.features import FeatureCache, extract_features
-from cfr_core.engine.fit import assemble, calibrate, evaluate, test_samples
+from cfr_core.engine.features import FeatureCache
+from cfr_core.engine.fit import assemble, calibrate_and_gate, evaluate, test_samples
+from cfr_core.engine.gate import gate_summary
 from cfr_core.engine.model import ShotRecord
 from cfr_core.io.artifacts import MODEL_JSON, load_model, save_model, verify_model
 from cfr_core.io.stages import REPORT_JSON, STAGE_JSON, TRAINING_STAGES, StageRef
@@ -50,6 +51,17 @@ def _calibration(data: CFRData, store: CFRStore, category: str, shot_keys: set[s
     if rest:
         return rest, "scans of the pool not used as shots"
     return None, "the shots themselves (optimistic: add validation scans)"
+
+
+def _library(data: CFRData, store: CFRStore, category: str):
+    """Every good scan the pipeline holds for ``category``: the shot pool (the library, plus
+    the dataset's train/good when it is in the pool) and the dataset's validation/good."""
+    dataset = data.dataset()
+    pool = store.library().samples(category)
+    for split, wanted in (("train", data.use_dataset_train), ("validation", True)):
+        if wanted and data.has_split(category, split):
+            pool += index_category(dataset, category).split(split)
+    return pool
 
 
 def candidate_ref(context, store: CFRStore) -> StageRef:
@@ -84,7 +96,7 @@ def evaluation_report(
     category = context.partition_key
     refs = {stage: upstream(context, store, stage) for stage in TRAINING_STAGES}
     cfg = run_config(settings, refs["attention_retriever"])
-    feats, info = load_features(refs["shot_features"])
+    _, info = load_features(refs["shot_features"])
     banks, joint, bank_info = load_banks(refs["memory_banks"])
     history = {
         "mappers": read_tensors(refs["crossmodal_mappers"], "mappers")[1]["history"]["mappers"],
@@ -118,14 +130,19 @@ def evaluation_report(
         )
         source = "not calibrated: non-finite weights"
     else:
-        calibrate(
+        gate_note = calibrate_and_gate(
             model,
-            extract_features(val, extractors, cfg.preprocess, cache) if val else feats,
+            _library(data, store, category),
+            val or manifest_samples(refs["normal_shots"].json("shots.json")),
             source,
+            extractors,
+            cache,
         )
+        context.log.info(gate_note)
     meta: dict = {
         "threshold": model.threshold,
         "gate_threshold": model.gate_threshold,
+        "library_check": gate_note if not broken else "not built: non-finite weights",
         "threshold_source": source,
         "method": cfg.method,
         "shots": len(model.shots),
@@ -252,6 +269,7 @@ def deployed_bank(context: dg.AssetExecutionContext, store: CFRStore) -> dg.Mate
         "model_folder": dg.MetadataValue.path(str(candidate.folder)),
         "threshold": record.threshold,
         "gate_threshold": model.gate_threshold,
+        "library_check": gate_summary(model),
         "audit": f"PASSED ({len(report.checks)} checks)",
         "registry": registry.safe_url,
     }

@@ -10,6 +10,7 @@ from cfr_assets.pictures import gallery, png_markdown
 from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore
 from cfr_core.data.io import read_rgb, read_xyz
 from cfr_core.data.landing import LandingScan, scan_landing
+from cfr_core.engine.gate import gate_decision, gate_heatmap
 from cfr_core.errors import CFRError
 from cfr_core.scoring.overlay import save_overlay
 
@@ -27,15 +28,15 @@ def deployed_gate(store: CFRStore, category: str):
 
 
 def gate_scan(gate, scan: LandingScan):
-    """(score, gate threshold, heatmap) of a landing scan under the deployed model."""
+    """(gate decision, scored scan) of a landing scan under the deployed model: its score
+    against the gate threshold and, where the model holds one, the library check."""
     from cfr_core.engine.score import score_arrays
 
     model, extractors, _ = gate
     result = score_arrays(
         model, extractors, read_rgb(scan.rgb_path), read_xyz(scan.xyz_path), str(scan.xyz_path)
     )
-    limit = model.gate_threshold if model.gate_threshold is not None else model.threshold
-    return result.score, limit, result
+    return gate_decision(model, result.score, result.features), result
 
 
 @stage_asset(
@@ -66,28 +67,29 @@ def shot_library(
         ):
             continue
         try:
-            verdict, score, limit = "accepted", None, None
+            verdict, score, limit, checks = "accepted", None, None, ""
             if gate is not None:
-                score, limit, result = gate_scan(gate, scan)
-                if score > limit:
+                decision, result = gate_scan(gate, scan)
+                score, limit = result.score, decision.checks.get("model score", (0, None))[1]
+                checks = decision.describe()
+                if not decision.passed:
                     verdict = "quarantined"
                     reason = (
-                        f"scored {score:.3f} above the gate threshold {limit:.3f} of deployed "
-                        f"version {gate[2]}; a person may release it with "
+                        f"{' and '.join(decision.failed())} above the gate of deployed version "
+                        f"{gate[2]} ({checks}); a person may release it with "
                         f"`cfr shots release {category} {scan.content_id}`"
                     )
+                    picture, what = gate_heatmap(decision, result)
                     with tempfile.TemporaryDirectory() as tmp:
                         heat = save_overlay(
-                            Path(tmp) / "heatmap.png",
-                            result.heatmap(),
-                            f"{scan.name} score {score:.2f} > gate {limit:.2f}",
+                            Path(tmp) / "heatmap.png", picture, f"{scan.name}: {what}"
                         )
                         library.quarantine(scan, reason, heat, score, limit)
-                    pictures.append(result.heatmap())
+                    pictures.append(picture)
                     context.log.warning(f"quarantined {scan.rgb_path.name}: {reason}")
             if verdict == "accepted":
                 library.add(scan)
-            rows.append((scan, verdict, score, limit))
+            rows.append((scan, verdict, score, limit, checks))
         except CFRError as exc:  # this scan only: the others of the batch are still ingested
             problems.append((str(getattr(exc, "path", None) or scan.rgb_path), str(exc)))
             context.log.warning(f"not ingested: {exc}")
@@ -96,8 +98,8 @@ def shot_library(
     pool = library.samples(category)
     meta: dict = {
         "accepted_scans": len(pool),
-        "new_accepted": sum(v == "accepted" for _, v, _, _ in rows),
-        "new_quarantined": sum(v == "quarantined" for _, v, _, _ in rows),
+        "new_accepted": sum(r[1] == "accepted" for r in rows),
+        "new_quarantined": sum(r[1] == "quarantined" for r in rows),
         "not_ingested": len(problems),
         "gate": "off"
         if not settings.quality_gate
@@ -114,9 +116,10 @@ def shot_library(
                         "verdict": v,
                         "score": round(score, 4) if score is not None else None,
                         "gate": round(limit, 4) if limit is not None else None,
+                        "checks": checks,
                     }
                 )
-                for s, v, score, limit in rows
+                for s, v, score, limit, checks in rows
             ],
             dg.TableSchema(
                 columns=[
@@ -125,6 +128,7 @@ def shot_library(
                     dg.TableColumn("verdict", "string"),
                     dg.TableColumn("score", "float"),
                     dg.TableColumn("gate", "float"),
+                    dg.TableColumn("checks", "string"),
                 ]
             ),
         )
