@@ -39,7 +39,7 @@ from cfr_core.scoring.overlay import overlay
 #: every GATE_STRIDE-th pixel of the feature grid (both axes) is in the bank and is queried
 GATE_STRIDE = 2
 #: blur of the (strided) novelty map before its peak is taken
-GATE_BLUR = ((5, 3),)
+GATE_BLUR = ((5, 5),)
 MODALITIES = ("rgb", "points")
 LABELS = {"rgb": "RGB novelty", "points": "3D novelty"}
 
