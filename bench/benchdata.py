@@ -48,24 +48,22 @@ def preset_of(extractors: ExtractorConfig) -> str:
 def record_scores(out: Path, data: Path, cat: str, model, ev, cache, extractors) -> None:
     """Append one model's calibration and test scores to ``out/scores.jsonl`` (for bench/gate.py).
 
-    ``model`` is calibrated here as ``fit`` calibrates it (validation/good), so its
-    threshold and gate threshold are those the pipeline would deploy.
+    ``model`` is calibrated here as ``fit`` calibrates it (pass/fail on validation/good,
+    the gate on those and the unused train/good), so its thresholds are those the
+    pipeline would deploy.
     """
     cfg = model.config
     index = index_category(data, cat).require_train()
     shots = select_shots(index, cfg.shots, cfg.fewshot_seed).samples
     val, source = calibration_samples(data, cat, shots)
     features = extract_features(val, extractors, cfg.preprocess, cache)
-    calibrate(model, features, source)
     # the pool's other good scans (train/good not used as shots): never seen by the model,
-    # like the library scans a pipeline holds beside its shots (gate.py compares rules)
+    # like the library scans a pipeline holds beside its shots (the gate calibrates on both)
     used = {s.key for s in shots}
     rest = [s for s in index if s.key not in used]
-    pool = (
-        infer(model, extract_features(rest, extractors, cfg.preprocess, cache)).scores
-        if rest
-        else []
-    )
+    rest_features = extract_features(rest, extractors, cfg.preprocess, cache) if rest else None
+    calibrate(model, features, source, rest_features)
+    pool = infer(model, rest_features).scores if rest else []
     line = {
         "preset": preset_of(cfg.extractors),
         "method": cfg.method,

@@ -1,27 +1,33 @@
 """The quality gate: how often it quarantines good scans, and how many defective scans it stops.
 
-New "good" scans that operators drop into the landing folder are scored by the
-deployed model before they may enter the shot library; a scan above the gate
-threshold (the highest score of the normal calibration scans × (1 + margin),
-calibrated as the pipeline does: validation/good) is quarantined. For each
-candidate margin this script measures, over categories and few-shot seeds:
+New "good" scans that operators drop into the landing folder pass the gate before
+they may enter the shot library. The gate in force (cfr_core.engine.gate) has two
+parts: the deployed model's score against its gate threshold (the highest score of
+the good scans the model was not fitted on × (1 + ``gate_margin``)), and the
+library check: each modality's novelty against every good library scan, within the
+highest leave-one-out novelty of the library × (1 + ``library_gate_margin``). For
+each candidate rule this script measures, over categories and few-shot seeds:
 
 * **false quarantine**: the share of good test scans (never seen by the model)
-  above the gate threshold, i.e. good parts an operator would have to release;
-* **catch rate**: the share of defective test scans above the gate threshold.
+  the gate stops, i.e. good parts an operator would have to release;
+* **catch rate**: the share of defective test scans the gate stops.
 
-It reads the scores that the fits of the default method left in ``scores.jsonl``:
+It reads the model scores that the fits of the default method left in ``scores.jsonl``:
 
 * development categories: ``bench/results/dev/scores.jsonl``, written by
   ``gate.py collect`` from the models bench/develop.py fitted and saved, or by
-  ``bench/accuracy.py --split dev``; the margin (``ScoringConfig.gate_margin``)
-  is chosen there;
+  ``bench/accuracy.py --split dev``; the margins are chosen there;
 * report categories: ``bench/results/accuracy/scores.jsonl``, written by
-  ``bench/accuracy.py`` (``--split report``): measured only, with the chosen margin.
+  ``bench/accuracy.py`` (``--split report``): measured only, with the chosen margins.
+
+and the library check's novelty peaks from ``library.jsonl`` beside them, written by
+``gate.py library`` with the real code (:func:`cfr_core.engine.gate.build_library_gate`
+on train/good + validation/good, :func:`~cfr_core.engine.gate.novelty_peaks` on test).
 
 Writes ``bench/results/gate.md`` and ``gate.csv``.
 
     .venv/bin/python bench/gate.py collect --models bench/.cache/models/lite-default
+    .venv/bin/python bench/gate.py library --split dev      # then --split report
     .venv/bin/python bench/gate.py
 """
 
@@ -32,6 +38,7 @@ import csv
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,17 +49,32 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from benchdata import bench_data, record_scores  # noqa: E402
 
-from cfr_core.config import DEFAULT_EXTRACTORS, DEFAULT_METHOD, ScoringConfig  # noqa: E402
-from cfr_core.data.synth import DEV_CATEGORIES  # noqa: E402
-from cfr_core.engine import FeatureCache, build_extractors, evaluate  # noqa: E402
+from cfr_core.config import (  # noqa: E402
+    DEFAULT_EXTRACTORS,
+    DEFAULT_METHOD,
+    ExtractorConfig,
+    PreprocessConfig,
+    ScoringConfig,
+)
+from cfr_core.data.synth import DEV_CATEGORIES, REPORT_CATEGORIES  # noqa: E402
+from cfr_core.engine import FeatureCache, build_extractors, evaluate, extract_features  # noqa: E402
+from cfr_core.engine.fit import library_samples, test_samples  # noqa: E402
+from cfr_core.engine.gate import MODALITIES, build_library_gate, novelty_peaks  # noqa: E402
 from cfr_core.io.artifacts import load_model  # noqa: E402
 from cfr_core.scoring.maps import gate_threshold  # noqa: E402
 
 MARGINS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
+LIBRARY_MARGINS = (0.0, 0.05, 0.1, 0.15, 0.2)
+BOTH_MARGINS = [(m, lm) for m in (0.2, 0.3, 0.4, 0.5, 0.75) for lm in LIBRARY_MARGINS]
 OUT = ROOT / "bench" / "results"
 SOURCES = {"dev": OUT / "dev" / "scores.jsonl", "report": OUT / "accuracy" / "scores.jsonl"}
-CHOSEN = ScoringConfig().gate_margin
-CALIBRATION = "validation"  # the normal scans the pipeline calibrates on
+CHOSEN = (ScoringConfig().gate_margin, ScoringConfig().library_gate_margin)
+MODEL_VAL = "model score (validation)"
+MODEL_ALL = "model score (validation + unused train)"
+LIBRARY = "library check alone"
+BOTH = "model score (validation + unused train) + library check"
+IN_FORCE = (BOTH, CHOSEN)
+BEFORE = (MODEL_VAL, 0.3)  # the gate before the library check: validation scans, margin 0.3
 
 
 def collect(models: Path, shots: int) -> None:
@@ -82,12 +104,85 @@ def oracle_threshold(good: np.ndarray, allowed: float = 0.05) -> float:
     return float(ranked[len(ranked) - above - 1])
 
 
+def library_path(split: str) -> Path:
+    return SOURCES[split].parent / "library.jsonl"
+
+
+def collect_library(split: str) -> None:
+    """The library check's leave-one-out and test novelty peaks of every category of ``split``.
+
+    The library is the category's train/good + validation/good (what `cfr fit` builds
+    the check on); the peaks do not depend on the few-shot seed, only the limits'
+    margin does, so they are stored once per category (margin applied in :func:`measure`).
+    """
+    cats = DEV_CATEGORIES if split == "dev" else REPORT_CATEGORIES
+    cache = FeatureCache(ROOT / "bench" / ".cache" / "features")
+    data, pre = bench_data(), PreprocessConfig()
+    extractors = build_extractors(ExtractorConfig.preset(DEFAULT_EXTRACTORS))
+    lines = []
+    for cat in cats:
+        lib, test = library_samples(data, cat), test_samples(data, cat)
+        lib_features = extract_features(lib, extractors, pre, cache)
+        test_features = extract_features(test, extractors, pre, cache)
+        t0 = time.perf_counter()
+        gate = build_library_gate(lib_features, margin=0.0)
+        t1 = time.perf_counter()
+        peaks = novelty_peaks(gate, test_features)
+        t2 = time.perf_counter()
+        lines.append(
+            {
+                "category": cat,
+                "library": [s.key for s in lib],
+                "loo": gate.loo_peaks,
+                "test": {m: [round(p[m], 6) for p in peaks] for m in MODALITIES},
+                "test_labels": [s.label for s in test],
+                "bank_rows": int(gate.banks["rgb"].shape[0]),
+                "bank_mb": round(
+                    sum(b.numel() * b.element_size() for b in gate.banks.values()) / 2**20, 2
+                ),
+                "build_seconds": round(t1 - t0, 2),
+                "check_seconds_per_scan": round((t2 - t1) / len(test), 3),
+            }
+        )
+        print(
+            f"library check of {cat}: {len(lib)} library scans, {len(test)} test; "
+            f"built in {t1 - t0:.1f} s, {(t2 - t1) / len(test):.2f} s per checked scan",
+            flush=True,
+        )
+    path = library_path(split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    tmp.replace(path)
+
+
+def label(margin) -> str:
+    """A rule's margin(s) as the tables show them: '0.3', or '0.3 / 0.1' (model / library)."""
+    if margin is None:
+        return ""
+    if isinstance(margin, tuple):
+        return " / ".join(f"{m:g}" for m in margin)
+    return f"{margin:g}"
+
+
+def library_flags(lib: dict, margin: float) -> np.ndarray:
+    """Test scans the library check stops at ``margin``: either modality above its limit."""
+    flags = np.zeros(len(lib["test_labels"]), dtype=bool)
+    for m in MODALITIES:
+        flags |= np.array(lib["test"][m]) > max(lib["loo"][m]) * (1.0 + margin)
+    return flags
+
+
 def measure(split: str, shots: int) -> list[dict]:
     rows = []
-    margins = MARGINS if split == "dev" else (CHOSEN,)
     path = SOURCES[split]
     if not path.exists():
         return rows
+    libs = {}
+    if library_path(split).exists():
+        for line in library_path(split).read_text().splitlines():
+            lib = json.loads(line)
+            libs[lib["category"]] = lib
     for line in path.read_text().splitlines():
         rec = json.loads(line)
         if rec["method"] != DEFAULT_METHOD or rec["shots"] != shots:
@@ -95,18 +190,37 @@ def measure(split: str, shots: int) -> list[dict]:
         if rec["preset"] != DEFAULT_EXTRACTORS:
             continue
         test, labels = np.array(rec["test_scores"]), np.array(rec["test_labels"])
-        good, bad = test[labels == 0], test[labels == 1]
-        sets = {"validation": rec["calibration"]}
+        good = labels == 0
+        sets = {MODEL_VAL: rec["calibration"]}
         if rec.get("unused_train"):  # older records lack them
-            sets["validation + unused train"] = rec["calibration"] + rec["unused_train"]
-        gates = [
-            (name, m, gate_threshold(scores, m))
-            for name, scores in sets.items()
-            if split == "dev" or name == CALIBRATION
-            for m in margins
-        ]
-        gates.append(("oracle", None, oracle_threshold(good)))
-        for rule, m, gate in gates:
+            sets[MODEL_ALL] = rec["calibration"] + rec["unused_train"]
+
+        def model_flags(name: str, m: float, test=test, sets=sets) -> np.ndarray:
+            return test > gate_threshold(sets[name], m)
+
+        lib = libs.get(rec["category"])
+        if lib is not None and lib["test_labels"] != rec["test_labels"]:
+            sys.exit(f"{library_path(split)}: {rec['category']}'s test scans differ from {path}")
+        rules: list[tuple[str, object, np.ndarray]] = []
+        if split == "dev":
+            rules += [(name, m, model_flags(name, m)) for name in sets for m in MARGINS]
+            if lib is not None and MODEL_ALL in sets:
+                rules += [(LIBRARY, lm, library_flags(lib, lm)) for lm in LIBRARY_MARGINS]
+                rules += [
+                    (BOTH, (m, lm), model_flags(MODEL_ALL, m) | library_flags(lib, lm))
+                    for m, lm in BOTH_MARGINS
+                ]
+        else:
+            rules.append((BEFORE[0], BEFORE[1], model_flags(*BEFORE)))
+            if lib is not None and MODEL_ALL in sets:
+                m, lm = CHOSEN
+                rules.append((LIBRARY, lm, library_flags(lib, lm)))  # for information only
+                rules.append((BOTH, CHOSEN, model_flags(MODEL_ALL, m) | library_flags(lib, lm)))
+        rules.append(("oracle", None, test > oracle_threshold(test[good])))
+        defects = [s.defect for s in test_samples(bench_data(), rec["category"])]
+        if len(defects) != len(test):
+            sys.exit(f"{rec['category']}: the benchmark's test split differs from {path}")
+        for rule, m, flags in rules:
             rows.append(
                 {
                     "split": split,
@@ -114,19 +228,43 @@ def measure(split: str, shots: int) -> list[dict]:
                     "preset": rec["preset"],
                     "category": rec["category"],
                     "seed": rec["seed"],
-                    "margin": m,
-                    "gate": round(gate, 4),
-                    "false_quarantine": round(float((good > gate).mean()), 4),
-                    "caught": round(float((bad > gate).mean()), 4),
-                    "n_good": len(good),
-                    "n_defective": len(bad),
+                    "margin": label(m),
+                    "false_quarantine": round(float(flags[good].mean()), 4),
+                    "caught": round(float(flags[~good].mean()), 4),
+                    "n_good": int(good.sum()),
+                    "n_defective": int((~good).sum()),
+                    "stopped_by_type": {
+                        d: round(float(flags[[x == d for x in defects]].mean()), 4)
+                        for d in dict.fromkeys(defects)
+                    },
                 }
             )
     return rows
 
 
-def by_rule(rows: list[dict]) -> dict[tuple[str, float | None], tuple[float, float, list]]:
-    """(calibration set, margin) → (mean false quarantine, mean caught, its rows), in order."""
+def defect_table(rows: list[dict]) -> list[str]:
+    """Share stopped per category and defect type (good = false quarantine), mean over seeds,
+    for the gate in force, the gate before the library check and the library check alone."""
+    shown = [(IN_FORCE[0], label(IN_FORCE[1]), "in force"), (BEFORE[0], label(BEFORE[1]), "before")]
+    shown.append((LIBRARY, label(CHOSEN[1]), "library check alone"))
+    out = [
+        "| category | type | " + " | ".join(name for _, _, name in shown) + " |",
+        "|---|---|" + "---|" * len(shown),
+    ]
+    for cat in dict.fromkeys(r["category"] for r in rows):
+        types = next(r["stopped_by_type"] for r in rows if r["category"] == cat)
+        for d in types:
+            cells = []
+            for rule, m, _ in shown:
+                sel = [r for r in rows if (r["category"], r["rule"], r["margin"]) == (cat, rule, m)]
+                vals = [r["stopped_by_type"][d] for r in sel]
+                cells.append(f"{np.mean(vals):.2f}" if vals else "")
+            out.append(f"| {cat} | {d} | " + " | ".join(cells) + " |")
+    return out
+
+
+def by_rule(rows: list[dict]) -> dict[tuple[str, str], tuple[float, float, list]]:
+    """(rule, margin label) → (mean false quarantine, mean caught, its rows), in order."""
     out = {}
     for key in dict.fromkeys((r["rule"], r["margin"]) for r in rows):
         sel = [r for r in rows if (r["rule"], r["margin"]) == key]
@@ -135,11 +273,16 @@ def by_rule(rows: list[dict]) -> dict[tuple[str, float | None], tuple[float, flo
     return out
 
 
-def choose(rows: list[dict]) -> tuple[str, float]:
-    """The development choice: (calibration set, margin) with the most defective scans caught
+def choose(rows: list[dict]) -> tuple[str, str]:
+    """The development choice: (rule, margins) with the most defective scans caught
     among those that quarantine ≤ 5 % of good scans on average, else the fewest quarantined."""
-    stats = {k: v[:2] for k, v in by_rule(rows).items() if k[0] != "oracle"}
-    ok = [k for k, (fq, _) in stats.items() if fq <= 0.05]
+    # the library check alone is shown, not a candidate: it compares each modality with good
+    # scans separately and cannot see a defect whose every modality looks like some good
+    # part; only the model's score compares the modalities (gate_notes.md)
+    stats = {k: v[:2] for k, v in by_rule(rows).items() if k[0] not in ("oracle", LIBRARY)}
+    # a mean of 15 rates, each a multiple of 1/20: compare with a tolerance, so that
+    # 0.05000000000000001 (float rounding of exactly 5 %) counts as 5 %
+    ok = [k for k, (fq, _) in stats.items() if fq <= 0.05 + 1e-9]
     if ok:
         return max(ok, key=lambda k: (stats[k][1], -stats[k][0]))
     return min(stats, key=lambda k: (stats[k][0], -stats[k][1]))
@@ -150,17 +293,22 @@ def summarise(rows: list[dict], shots: int) -> str:
         "# The quality gate: false quarantine and catch rate",
         "",
         f"Produced by `bench/gate.py` from the scores of `{DEFAULT_METHOD}` (the default "
-        f"method, {shots} shots, the default preset) in `scores.jsonl`. Gate threshold = the "
-        "highest score of the normal calibration scans (validation/good, as in the pipeline) "
-        "× (1 + margin). False quarantine: good test scans (never seen) above it; caught: "
-        "defective test scans above it. Means over categories and few-shot seeds. Target: "
-        f"false quarantine ≤ 5 % with ≥ 90 % caught. Margin in force: **{CHOSEN:g}** "
-        "(`ScoringConfig.gate_margin`).",
+        f"method, {shots} shots, the default preset) in `scores.jsonl` and the library "
+        "check's novelty peaks in `library.jsonl`. *Model score*: the model's gate threshold "
+        "= the highest score of the named good scans the model did not fit on × (1 + margin). "
+        "*Library check*: each modality's novelty peak against every good library scan "
+        "(train/good + validation/good) above the library's highest leave-one-out peak × "
+        "(1 + margin). *Model score + library check*: a scan is stopped when either stops it "
+        "(margins model / library). False quarantine: good test scans (never seen) stopped; "
+        "caught: defective test scans stopped. Means over categories and few-shot seeds. "
+        "Target: false quarantine ≤ 5 % with ≥ 90 % caught. In force: "
+        f"**{IN_FORCE[0]}, {label(IN_FORCE[1])}** (`ScoringConfig.gate_margin`, "
+        "`ScoringConfig.library_gate_margin`).",
         "",
     ]
     for split, title in (
-        ("dev", "Development categories (where the margin is chosen)"),
-        ("report", "Report categories (measured with the chosen margin only)"),
+        ("dev", "Development categories (where the rule and margins are chosen)"),
+        ("report", "Report categories (measured with the chosen rule only)"),
     ):
         sel_split = [r for r in rows if r["split"] == split]
         if not sel_split:
@@ -172,7 +320,7 @@ def summarise(rows: list[dict], shots: int) -> str:
             "",
             f"Seeds {', '.join(map(str, seeds))}.",
             "",
-            "| calibration scans, margin | false quarantine | caught | per category (FQ / caught) |",
+            "| rule, margin | false quarantine | caught | per category (FQ / caught) |",
             "|---|---|---|---|",
         ]
         for (rule, m), (fq, caught, sel) in by_rule(sel_split).items():
@@ -182,20 +330,53 @@ def summarise(rows: list[dict], shots: int) -> str:
                 for c in dict.fromkeys(r["category"] for r in sel)
             )
             if rule == "oracle":
-                label = "best any threshold can do (chosen on these test scans, ≤ 5 %)"
+                name = "model score: best any threshold can do (chosen on these test scans, ≤ 5 %)"
             else:
-                force = m == CHOSEN and rule == CALIBRATION
-                label = f"{rule}, {m:g}" + (" **(in force)**" if force else "")
-            lines.append(f"| {label} | {fq:.3f} | {caught:.3f} | {per} |")
+                name = f"{rule}, {m}"
+                if (rule, m) == (IN_FORCE[0], label(IN_FORCE[1])):
+                    name += " **(in force)**"
+                elif (rule, m) == (BEFORE[0], label(BEFORE[1])):
+                    name += " (the gate before the library check)"
+            lines.append(f"| {name} | {fq:.3f} | {caught:.3f} | {per} |")
         lines.append("")
+        lines += [
+            "Share of each type of test scan the gate stops (good: false quarantine), mean "
+            "over seeds:",
+            "",
+            *defect_table(sel_split),
+            "",
+        ]
         if split == "dev":
             best = choose(sel_split)
             lines += [
-                "Choice rule: the most caught among the rules whose mean "
-                f"false quarantine is ≤ 5 %, else the lowest false quarantine → **{best[0]}, "
-                f"margin {best[1]:g}**.",
+                "Choice rule: among the rules with the model's score, the most caught among "
+                "those whose mean false quarantine is ≤ 5 %, else the lowest false quarantine → "
+                f"**{best[0]}, {best[1]}**.",
                 "",
             ]
+    costs = [
+        json.loads(line)
+        for split in SOURCES
+        if library_path(split).exists()
+        for line in library_path(split).read_text().splitlines()
+    ]
+    costs = [c for c in costs if "build_seconds" in c]
+    if costs:
+        lines += [
+            "## What the library check costs",
+            "",
+            "`gate.py library` on this machine (2 cores); the bank holds every 2nd "
+            "foreground pixel of the 12 library scans (float16, both modalities).",
+            "",
+            "| category | bank rows | bank MB | build (leave-one-out) s | check s / scan |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c['category']} | {c['bank_rows']} | {c['bank_mb']} | {c['build_seconds']} | "
+            f"{c['check_seconds_per_scan']} |"
+            for c in costs
+        ]
+        lines.append("")
     notes = OUT / "gate_notes.md"
     if notes.exists():
         lines.append(notes.read_text())
@@ -206,22 +387,27 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("what", nargs="?", choices=["collect", "report"], default="report")
+    p.add_argument("what", nargs="?", choices=["collect", "library", "report"], default="report")
     p.add_argument("--models", type=Path, help="collect: folder of develop.py's saved models")
     p.add_argument("--shots", type=int, default=4, help="the pipeline's shot count")
+    p.add_argument(
+        "--split", choices=["dev", "report"], default="dev", help="library: which categories"
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.what == "collect":
         if args.models is None:
             p.error("collect needs --models (e.g. bench/.cache/models/lite-default)")
         collect(args.models, args.shots)
+    if args.what == "library":
+        collect_library(args.split)
     rows = measure("dev", args.shots) + measure("report", args.shots)
     if not rows:
         sys.exit("no scores.jsonl yet: run `gate.py collect` or bench/accuracy.py first")
     with open(OUT / "gate.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**r, "stopped_by_type": json.dumps(r["stopped_by_type"])} for r in rows)
     text = summarise(rows, args.shots)
     (OUT / "gate.md").write_text(text)
     print(text)
