@@ -206,7 +206,7 @@ class GateDecision:
         return [name for name, (v, lim) in self.checks.items() if v > lim]
 
     def describe(self) -> str:
-        """'model score 2.469 > 2.155, RGB novelty 0.41 <= 0.35 ...' (failed checks first)."""
+        """'RGB novelty 0.610 > 0.480, model score 1.200 <= 2.900, ...' (failed checks first)."""
         order = self.failed() + [k for k in self.checks if k not in self.failed()]
         parts = []
         for name in order:
