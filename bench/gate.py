@@ -59,7 +59,13 @@ from cfr_core.config import (  # noqa: E402
 from cfr_core.data.synth import DEV_CATEGORIES, REPORT_CATEGORIES  # noqa: E402
 from cfr_core.engine import FeatureCache, build_extractors, evaluate, extract_features  # noqa: E402
 from cfr_core.engine.fit import library_samples, test_samples  # noqa: E402
-from cfr_core.engine.gate import MODALITIES, build_library_gate, novelty_peaks  # noqa: E402
+from cfr_core.engine.gate import (  # noqa: E402
+    FOREGROUND_MISSING_LIMIT,
+    MODALITIES,
+    build_library_gate,
+    foreground_missing,
+    novelty_peaks,
+)
 from cfr_core.io.artifacts import load_model  # noqa: E402
 from cfr_core.scoring.maps import gate_threshold  # noqa: E402
 
@@ -136,6 +142,9 @@ def collect_library(split: str) -> None:
                 "loo": gate.loo_peaks,
                 "test": {m: [round(p[m], 6) for p in peaks] for m in MODALITIES},
                 "test_labels": [s.label for s in test],
+                "test_foreground_missing": [
+                    round(foreground_missing(gate, test_features, i), 6) for i in range(len(test))
+                ],
                 "bank_rows": int(gate.banks["rgb"].shape[0]),
                 "bank_mb": round(
                     sum(b.numel() * b.element_size() for b in gate.banks.values()) / 2**20, 2
@@ -166,8 +175,9 @@ def label(margin) -> str:
 
 
 def library_flags(lib: dict, margin: float) -> np.ndarray:
-    """Test scans the library check stops at ``margin``: either modality above its limit."""
-    flags = np.zeros(len(lib["test_labels"]), dtype=bool)
+    """Test scans the library check stops at ``margin``: either modality above its limit,
+    or more than FOREGROUND_MISSING_LIMIT of the smallest library foreground missing."""
+    flags = np.array(lib["test_foreground_missing"]) > FOREGROUND_MISSING_LIMIT
     for m in MODALITIES:
         flags |= np.array(lib["test"][m]) > max(lib["loo"][m]) * (1.0 + margin)
     return flags

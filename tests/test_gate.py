@@ -10,8 +10,11 @@ from cfr_core.data.mvtec import index_category
 from cfr_core.engine import FeatureCache, build_extractors, extract_features, fit
 from cfr_core.engine.fit import attach_library_gate, library_samples
 from cfr_core.engine.gate import (
+    FOREGROUND_CHECK,
     GATE_STRIDE,
     MODALITIES,
+    GateDecision,
+    NoLibraryCheck,
     build_library_gate,
     gate_decision,
     novelty_peaks,
@@ -79,7 +82,7 @@ def test_a_wrong_part_and_an_unseen_local_appearance_are_stopped(dome):
 
 def test_the_library_check_needs_two_scans_and_foreground(dome):
     lib = dome["library"]
-    with pytest.raises(ValueError, match="at least 2 good scans"):
+    with pytest.raises(NoLibraryCheck, match="at least 2 different good scans"):
         build_library_gate(lib.select([0]), margin=0.1)
     empty = replace(lib.select([0, 1]), points=lib.points[:2].clone())
     empty.points[1].zero_()
@@ -120,7 +123,8 @@ def test_decision_names_the_failed_checks(fitted, dome):
     assert not decision.passed and decision.ratio > 1
     assert decision.failed()[:2] == ["RGB novelty", "3D novelty"]
     assert decision.describe().startswith("RGB novelty")
-    assert "model score 0.000 <= " in decision.describe()
+    assert "model score 0 <= " in decision.describe()
+    assert decision.checks[FOREGROUND_CHECK] == (0.0, 0.5)  # a whole part: nothing missing
     high = gate_decision(fitted, fitted.gate_threshold * 2, dome["library"].select([0]))
     assert high.failed() == ["model score"]
     # without a library check (a one-scan library) the gate is the model's score alone
@@ -142,7 +146,7 @@ def test_stored_gate_from_other_code_is_refused(fitted, tmp_path):
         model_from_parts(meta, fitted.tensors())
     meta["library_gate"]["stride"] = GATE_STRIDE
     meta["library_gate"]["limits"]["rgb"] = float("nan")
-    with pytest.raises(ValueError, match="finite and positive"):
+    with pytest.raises(ValueError, match="finite number"):
         model_from_parts(meta, fitted.tensors())
     with pytest.raises(ArtifactError):  # the manifest catches a hand-edited model.json
         (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
@@ -169,3 +173,87 @@ def test_a_stopped_scan_shows_the_map_of_the_check_that_stopped_it(fitted, synth
     only_score = gate_decision(fitted, fitted.gate_threshold * 2, scored.features)
     only_score.checks = {"model score": only_score.checks["model score"]}
     assert gate_heatmap(only_score, scored)[1] == "model anomaly map"
+
+
+def test_a_hand_edited_gate_cannot_pass_every_scan(fitted):
+    """Limits that no novelty reaches, limits that disagree with their leave-one-out
+    peaks, non-numbers and malformed tensors are refused when the model is read."""
+    import json
+
+    from cfr_core.io.artifacts import model_from_parts, model_metadata
+
+    meta = json.loads(json.dumps(model_metadata(fitted)))
+    gate_meta = meta["library_gate"]
+    good = model_from_parts(meta, fitted.tensors()).library_gate
+    assert good.limits == fitted.library_gate.limits
+
+    def refused(match, limits=None, tensors=None, **changes):
+        edited = {**meta, "library_gate": {**gate_meta, **changes}}
+        if limits is not None:
+            edited["library_gate"]["limits"] = {**gate_meta["limits"], **limits}
+        with pytest.raises(ValueError, match=match):
+            model_from_parts(edited, {**fitted.tensors(), **(tensors or {})})
+
+    refused(r"must be in \(0, 2\]", limits={"rgb": 1e9})
+    refused("finite number", limits={"rgb": "0.5"})
+    refused("finite number", limits={"points": True})
+    refused("leave-one-out peaks", limits={"rgb": gate_meta["limits"]["rgb"] * 3})
+    refused("leave-one-out peaks", margin=gate_meta["margin"] + 1)
+    refused("positive integer", min_foreground=0)
+    refused("at least 2 scan keys", scans="abc")
+    bank, stats = fitted.tensors()["gate.rgb"], fitted.tensors()["gate.rgb_stats"]
+    refused("features are", tensors={"gate.rgb": bank[:, 1:]})
+    refused("non-empty 2-D float", tensors={"gate.rgb": bank[:0]})
+    refused("non-empty 2-D float", tensors={"gate.rgb": bank.flatten()})
+    refused("features are", tensors={"gate.rgb_stats": stats[:, 1:]})
+    refused("non-finite", tensors={"gate.rgb": torch.full_like(bank, float("nan"))})
+    refused("standard deviation", tensors={"gate.rgb_stats": stats * torch.tensor([[1.0], [0.0]])})
+
+
+def test_a_check_that_is_not_a_number_fails_and_says_so():
+    decision = GateDecision({"model score": (1.0, 2.0), "RGB novelty": (float("nan"), 0.068)})
+    assert not decision.passed and decision.failed() == ["RGB novelty"]
+    assert decision.ratio == float("inf")
+    assert decision.describe() == "RGB novelty nan > 0.068, model score 1 <= 2"
+
+
+def test_a_model_without_a_threshold_cannot_gate(fitted, dome):
+    uncalibrated = replace(fitted, threshold=None, gate_threshold=None, library_gate=None)
+    with pytest.raises(DataError, match="no threshold to gate"):
+        gate_decision(uncalibrated, 0.0, dome["ribbed"])
+
+
+def test_the_same_scan_twice_counts_once(dome):
+    """Duplicates (the same files under two names) would find their twin in leave-one-out
+    and pull the limit down; they are counted once, and a library of one scan under two
+    names has no check (the fit goes on with the model's score alone)."""
+    lib = dome["library"]
+    once = build_library_gate(lib, margin=0.1)
+    doubled = lib.select(list(range(len(lib))) + [0, 1])
+    doubled = replace(doubled, keys=lib.keys + ["copy/0", "copy/1"])
+    twice = build_library_gate(doubled, margin=0.1)
+    assert twice.limits == once.limits and twice.scans == lib.keys
+    same = replace(lib.select([0, 0]), keys=["a", "b"])
+    with pytest.raises(NoLibraryCheck, match="2 different"):
+        build_library_gate(same, margin=0.1)
+    bad = replace(lib.select([0, 1]), rgb=lib.rgb[:2].clone())
+    bad.rgb[1, 0, 0, 0] = float("nan")
+    with pytest.raises(DataError, match=f"{lib.keys[1]} has non-finite features"):
+        build_library_gate(bad, margin=0.1)
+
+
+def test_a_scan_with_a_sliver_of_foreground_is_stopped(fitted, dome):
+    """Blurring averages novelty with the empty background, so a few odd pixels alone
+    would look familiar: the foreground check stops a scan that lost most of its part."""
+    good = dome["test"].select([dome["labels"].index(0)])
+    assert gate_decision(fitted, 0.0, good).passed
+    sliver = replace(good, points=good.points.clone(), rgb=good.rgb.clone())
+    fg = good.foreground[0]
+    ys, xs = torch.nonzero(fg, as_tuple=True)
+    keep = torch.zeros_like(fg)
+    keep[ys[0] : ys[0] + 4, xs[0] : xs[0] + 4] = True
+    sliver.points[0][:, ~keep] = 0
+    sliver.rgb[0][:, keep] = 6.0  # and what is left is unlike any good pixel
+    decision = gate_decision(fitted, 0.0, sliver)
+    assert FOREGROUND_CHECK in decision.failed()
+    assert decision.checks[FOREGROUND_CHECK][0] > 0.9

@@ -43,10 +43,12 @@ def gate_scan(gate, scan: LandingScan):
     """**Shot library** of the category: the good scans operators dropped as
 `<name>.png` + `<name>.tiff` into `<landing>/<category>/`.
 
-Each new pair is validated, then scored by the deployed model: a scan above the
-model's **gate threshold** goes to the quarantine with its heatmap (a person
-releases it with `cfr shots release`); the others are copied into the
-content-addressed library. Bad files are reported, never silently skipped. The
+Each new pair is validated, then passes the deployed model's **quality gate**:
+its score against the model's gate threshold and, when the model holds a library
+check, its foreground and its RGB and 3D novelty against every good library scan.
+A scan that fails any check goes to the quarantine with the failed checks and a
+heatmap (a person releases it with `cfr shots release`); the others are copied
+into the content-addressed library. Bad files are reported, never silently skipped. The
 data version is the hash of the accepted scans, so the rebuild sensor only
 starts a rebuild when the library really changed.""",
     kinds=("python", "filesystem"),

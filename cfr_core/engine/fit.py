@@ -29,7 +29,7 @@ from cfr_core.data.fewshot import ShotSelection, select_shots
 from cfr_core.data.io import sha256_file
 from cfr_core.data.mvtec import GOOD, Sample, index_category
 from cfr_core.engine.features import FeatureCache, FeatureSet, build_extractors, extract_features
-from cfr_core.engine.gate import build_library_gate, gate_summary
+from cfr_core.engine.gate import NoLibraryCheck, build_library_gate, gate_summary
 from cfr_core.engine.infer import InferenceResult, infer, plausibility
 from cfr_core.engine.model import FittedModel, ShotRecord
 from cfr_core.engine.normalize import FeatureNorm
@@ -281,7 +281,11 @@ def attach_library_gate(model: FittedModel, library: FeatureSet) -> str:
             "(the gate uses the model's score alone)"
         )
     t0 = time.perf_counter()
-    model.library_gate = build_library_gate(library, model.config.scoring.library_gate_margin)
+    try:
+        model.library_gate = build_library_gate(library, model.config.scoring.library_gate_margin)
+    except NoLibraryCheck as exc:
+        model.library_gate = None
+        return f"library check off: {exc} (the gate uses the model's score alone)"
     model.timings["library_gate"] = time.perf_counter() - t0
     return gate_summary(model)
 

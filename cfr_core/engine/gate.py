@@ -16,7 +16,8 @@ library** (the pool the shots are drawn from, plus validation scans).
   of them × (1 + ``ScoringConfig.library_gate_margin``).
 
 A scan enters the library only when its model score is within the model's gate
-threshold *and* both novelty peaks are within their limits (:func:`gate_decision`).
+threshold, both novelty peaks are within their limits *and* it has at least half the
+foreground of the smallest library scan (:func:`gate_decision`).
 Stride, blur, the per-modality split and both margins were chosen on the
 development categories (bench/gate.py, bench/results/gate.md). Needs at least two
 library scans (leave-one-out); with fewer the gate uses the model's score alone.
@@ -24,6 +25,8 @@ library scans (leave-one-out); with fewer the gate uses the model's score alone.
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,17 +34,26 @@ import numpy as np
 import torch
 
 from cfr_core.engine.features import FeatureSet
-from cfr_core.errors import DataError
+from cfr_core.errors import CFRError, DataError
 from cfr_core.memory import max_cosine
 from cfr_core.scoring.maps import box_blur
 from cfr_core.scoring.overlay import overlay
 
+#: a scan with less than this share of the smallest library scan's foreground fails
+#: (the blur averages novelty with the empty background, so a scan of a few pixels would
+#: otherwise look familiar: a hostile-input guard, not tuned; no benchmark scan is near it)
+FOREGROUND_MISSING_LIMIT = 0.5
 #: every GATE_STRIDE-th pixel of the feature grid (both axes) is in the bank and is queried
 GATE_STRIDE = 2
 #: blur of the (strided) novelty map before its peak is taken
 GATE_BLUR = ((5, 5),)
 MODALITIES = ("rgb", "points")
 LABELS = {"rgb": "RGB novelty", "points": "3D novelty"}
+FOREGROUND_CHECK = "foreground missing"
+
+
+class NoLibraryCheck(CFRError, ValueError):
+    """The library cannot calibrate a check: fewer than 2 different good scans."""
 
 
 @dataclass
@@ -54,6 +66,7 @@ class LibraryGate:
     loo_peaks: dict[str, list[float]]  # modality -> leave-one-out peak of each library scan
     scans: list[str]  # keys of the library scans
     margin: float
+    min_foreground: int  # sampled foreground pixels of the library's smallest scan
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"gate.{m}": self.banks[m] for m in MODALITIES}
@@ -66,35 +79,86 @@ class LibraryGate:
             "loo_peaks": self.loo_peaks,
             "scans": self.scans,
             "margin": self.margin,
+            "min_foreground": self.min_foreground,
             "stride": GATE_STRIDE,
             "blur": [list(b) for b in GATE_BLUR],
         }
 
     @classmethod
     def from_parts(
-        cls, meta: dict[str, Any] | None, tensors: dict[str, torch.Tensor]
+        cls,
+        meta: dict[str, Any] | None,
+        tensors: dict[str, torch.Tensor],
+        dims: dict[str, int] | None = None,
     ) -> LibraryGate | None:
-        """The gate of a saved model, or None (no library check was built for it)."""
+        """The gate of a saved model, or None (no library check was built for it).
+
+        Everything is checked, because a hand-edited gate must not pass every scan:
+        limits are numbers in (0, 2] (novelty is 1 − a cosine) equal to the stored
+        leave-one-out peaks × (1 + margin), banks are finite float rows of the model's
+        feature ``dims``, each with its (mean, std) standardisation."""
         if meta is None:
             if any(k.startswith("gate.") for k in tensors):
                 raise ValueError("gate tensors without library_gate in model.json")
             return None
-        limits = {m: float(meta["limits"][m]) for m in MODALITIES}
-        if not all(v == v and 0 < v < float("inf") for v in limits.values()):
-            raise ValueError(f"library_gate limits must be finite and positive, got {limits}")
+        if not isinstance(meta, dict):
+            raise ValueError(f"library_gate must be an object, got {type(meta).__name__}")
         if (meta.get("stride"), meta.get("blur")) != (
             GATE_STRIDE,
             [list(b) for b in GATE_BLUR],
         ):
             raise ValueError("library_gate was built with another stride or blur than this code")
-        return cls(
-            banks={m: tensors[f"gate.{m}"] for m in MODALITIES},
-            stats={m: tensors[f"gate.{m}_stats"] for m in MODALITIES},
-            limits=limits,
-            loo_peaks={m: [float(x) for x in meta["loo_peaks"][m]] for m in MODALITIES},
-            scans=[str(s) for s in meta["scans"]],
-            margin=float(meta["margin"]),
-        )
+        margin = _number(meta.get("margin"), "library_gate margin")
+        if margin < 0:
+            raise ValueError(f"library_gate margin must be >= 0, got {margin}")
+        scans = meta.get("scans")
+        if not isinstance(scans, list) or len(scans) < 2:
+            raise ValueError("library_gate scans must be a list of at least 2 scan keys")
+        smallest = meta.get("min_foreground")
+        if isinstance(smallest, bool) or not isinstance(smallest, int) or smallest < 1:
+            raise ValueError(
+                f"library_gate min_foreground must be a positive integer, got {smallest!r}"
+            )
+        limits, loo = {}, {}
+        for m in MODALITIES:
+            limits[m] = _number(meta["limits"][m], f"library_gate limit of {m}")
+            loo[m] = [_number(x, f"library_gate loo_peaks of {m}") for x in meta["loo_peaks"][m]]
+            if not 0 < limits[m] <= 2:
+                raise ValueError(f"library_gate limit of {m} must be in (0, 2], got {limits[m]}")
+            if len(loo[m]) != len(scans) or not math.isclose(
+                limits[m], max(loo[m]) * (1 + margin), rel_tol=1e-6
+            ):
+                raise ValueError(
+                    f"library_gate limit of {m} ({limits[m]}) is not the highest of its "
+                    f"{len(scans)} leave-one-out peaks × (1 + margin {margin})"
+                )
+        banks, stats = {}, {}
+        for m in MODALITIES:
+            bank, stat = tensors[f"gate.{m}"], tensors[f"gate.{m}_stats"]
+            width = dims[m] if dims is not None else stat.shape[-1]
+            if not bank.is_floating_point() or bank.ndim != 2 or bank.shape[0] == 0:
+                raise ValueError(
+                    f"gate.{m} must be a non-empty 2-D float tensor, got "
+                    f"{tuple(bank.shape)} {bank.dtype}"
+                )
+            if bank.shape[1] != width or tuple(stat.shape) != (2, width):
+                raise ValueError(
+                    f"gate.{m} is {tuple(bank.shape)} with stats {tuple(stat.shape)}; the model's "
+                    f"{m} features are {width}-d"
+                )
+            if not (bool(torch.isfinite(bank).all()) and bool(torch.isfinite(stat).all())):
+                raise ValueError(f"gate.{m} holds non-finite values")
+            if not bool((stat[1] > 0).all()):
+                raise ValueError(f"gate.{m}_stats has a standard deviation <= 0")
+            banks[m], stats[m] = bank, stat.float()
+        return cls(banks, stats, limits, loo, [str(s) for s in scans], margin, smallest)
+
+
+def _number(value: Any, what: str) -> float:
+    """A finite JSON number (not a bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _sampled_rows(features: FeatureSet, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -127,24 +191,48 @@ def _peak(values: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def build_library_gate(library: FeatureSet, margin: float) -> LibraryGate:
-    """The library check from the features of every good library scan (at least two)."""
+    """The library check from the features of every good library scan (at least two
+    different ones). A scan whose features equal an earlier one's (the same files under
+    two names) is counted once: its twin would give it a leave-one-out peak of 0."""
     n = len(library)
-    if n < 2:
-        raise ValueError(f"the library check needs at least 2 good scans, got {n}")
     fg = library.foreground
-    empty = [library.keys[i] for i in range(n) if not fg[i].any()]
-    if empty:
-        raise DataError(
-            f"library scan {empty[0]} has no foreground pixel (an empty point cloud)",
-            None,
-            "remove it from the shot library (`cfr shots list`)",
+    for i in range(n):
+        if not fg[i].any():
+            raise DataError(
+                f"library scan {library.keys[i]} has no foreground pixel (an empty point cloud)",
+                None,
+                "remove it from the shot library (`cfr shots list`)",
+            )
+        if not (
+            bool(torch.isfinite(library.rgb[i]).all())
+            and bool(torch.isfinite(library.points[i]).all())
+        ):
+            raise DataError(
+                f"library scan {library.keys[i]} has non-finite features",
+                None,
+                "check its image and point cloud (`cfr data check`) or remove it",
+            )
+    seen, keep = set(), []
+    for i in range(n):
+        digest = hashlib.sha256(
+            library.rgb[i].numpy().tobytes() + library.points[i].numpy().tobytes()
+        ).hexdigest()
+        if digest not in seen:
+            seen.add(digest)
+            keep.append(i)
+    if len(keep) < 2:
+        raise NoLibraryCheck(
+            f"the library check needs at least 2 different good scans, got {len(keep)} "
+            f"(of {n} library scans)"
         )
+    library = library.select(keep) if len(keep) < n else library
+    fg = library.foreground
     stats = {}
     for m, fmap in (("rgb", library.rgb), ("points", library.points)):
         rows = fmap.permute(0, 2, 3, 1)[fg].float()
         stats[m] = torch.stack([rows.mean(0), rows.std(0).clamp_min(1e-3)])
     pieces = []
-    for i in range(n):
+    for i in range(len(library)):
         rows, mask = _sampled_rows(library, i)
         pieces.append(({m: _standardise(rows[m], stats[m]) for m in MODALITIES}, mask))
     loo: dict[str, list[float]] = {m: [] for m in MODALITIES}
@@ -154,13 +242,13 @@ def build_library_gate(library: FeatureSet, margin: float) -> LibraryGate:
             loo[m].append(round(_peak(1.0 - max_cosine(rows[m], others), mask), 6))
     limits = {m: max(loo[m]) * (1.0 + margin) for m in MODALITIES}
     if not all(v > 0 for v in limits.values()):
-        raise DataError(
-            "the library's good scans are identical to each other (no novelty to calibrate on)",
-            None,
-            "add good scans that differ the way production parts do",
+        raise NoLibraryCheck(
+            "the library's good scans are too alike to calibrate on (every leave-one-out "
+            "novelty is 0)"
         )
     banks = {m: torch.cat([p[0][m] for p in pieces]).half().contiguous() for m in MODALITIES}
-    return LibraryGate(banks, stats, limits, loo, list(library.keys), float(margin))
+    smallest = min(int(mask.sum()) for _, mask in pieces)
+    return LibraryGate(banks, stats, limits, loo, list(library.keys), float(margin), smallest)
 
 
 def novelty_maps(gate: LibraryGate, features: FeatureSet, i: int = 0) -> dict[str, torch.Tensor]:
@@ -176,6 +264,13 @@ def novelty_maps(gate: LibraryGate, features: FeatureSet, i: int = 0) -> dict[st
         grid = coarse.repeat_interleave(GATE_STRIDE, 0).repeat_interleave(GATE_STRIDE, 1)
         out[m] = grid[: mask.shape[0], : mask.shape[1]]
     return out
+
+
+def foreground_missing(gate: LibraryGate, features: FeatureSet, i: int = 0) -> float:
+    """The share of the library's smallest foreground (sampled pixels) that sample ``i``
+    lacks: 0 when it has as many or more, 1 when it has none."""
+    _, mask = _sampled_rows(features, i)
+    return max(0.0, 1.0 - int(mask.sum()) / gate.min_foreground)
 
 
 def novelty_peaks(gate: LibraryGate, features: FeatureSet) -> list[dict[str, float]]:
@@ -195,23 +290,28 @@ class GateDecision:
 
     @property
     def passed(self) -> bool:
-        return all(value <= limit for value, limit in self.checks.values())
+        return not self.failed()
 
     @property
     def ratio(self) -> float:
-        """The largest value / limit (≤ 1 passes): one number to sort a quarantine by."""
-        return max((value / limit for value, limit in self.checks.values()), default=0.0)
+        """The largest value / limit (≤ 1 passes): one number to sort a quarantine by
+        (a value that is not a number counts as infinitely far above its limit)."""
+        ratios = [math.inf if math.isnan(v) else v / lim for v, lim in self.checks.values()]
+        return max(ratios, default=0.0)
 
     def failed(self) -> list[str]:
-        return [name for name, (v, lim) in self.checks.items() if v > lim]
+        """Names of the checks not within their limits (a NaN value fails)."""
+        return [name for name, (v, lim) in self.checks.items() if not v <= lim]
 
     def describe(self) -> str:
-        """'RGB novelty 0.610 > 0.480, model score 1.200 <= 2.900, ...' (failed checks first)."""
+        """'RGB novelty 0.61 > 0.48, model score 1.2 <= 2.9, 3D novelty 0.0251 > 0.025'
+        (failed checks first; 4 significant digits, so small limits stay readable)."""
         order = self.failed() + [k for k in self.checks if k not in self.failed()]
         parts = []
         for name in order:
             value, limit = self.checks[name]
-            parts.append(f"{name} {value:.3f} {'>' if value > limit else '<='} {limit:.3f}")
+            sign = "<=" if value <= limit else ">"
+            parts.append(f"{name} {value:.4g} {sign} {limit:.4g}")
         return ", ".join(parts)
 
 
@@ -229,14 +329,26 @@ def gate_heatmap(decision: GateDecision, scanned) -> tuple[np.ndarray, str]:
 
 def gate_decision(model, score: float, features: FeatureSet) -> GateDecision:
     """The quality gate on one scan: the model's score against its gate threshold and,
-    when the model holds a library check, each modality's novelty against its limit."""
+    when the model holds a library check, the scan's foreground and each modality's
+    novelty against their limits. A model without a threshold cannot gate (it fails
+    closed: an error, never a pass)."""
     limit = model.gate_threshold if model.gate_threshold is not None else model.threshold
+    if limit is None:
+        raise DataError(
+            f"the {model.category} model has no threshold to gate new scans on",
+            None,
+            "refit the category (`cfr pipeline run`) so its model is calibrated",
+        )
     decision = GateDecision()
-    if limit is not None:
-        decision.checks["model score"] = (float(score), float(limit))
-    if model.library_gate is not None:
-        for m, nmap in novelty_maps(model.library_gate, features).items():
-            decision.checks[LABELS[m]] = (float(nmap.max()), model.library_gate.limits[m])
+    decision.checks["model score"] = (float(score), float(limit))
+    gate = model.library_gate
+    if gate is not None:
+        decision.checks[FOREGROUND_CHECK] = (
+            foreground_missing(gate, features),
+            FOREGROUND_MISSING_LIMIT,
+        )
+        for m, nmap in novelty_maps(gate, features).items():
+            decision.checks[LABELS[m]] = (float(nmap.max()), gate.limits[m])
             decision.maps[LABELS[m]] = nmap
     return decision
 

@@ -281,5 +281,5 @@ def model_from_parts(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
     if "bank.rgb" in tensors:
         model.banks = Banks(tensors["bank.rgb"], tensors["bank.keys"], tensors["bank.values"])
     model.joint_bank = tensors.get("bank.joint")
-    model.library_gate = LibraryGate.from_parts(meta.get("library_gate"), tensors)
+    model.library_gate = LibraryGate.from_parts(meta.get("library_gate"), tensors, model.dims)
     return model
