@@ -214,6 +214,9 @@ def test_a_check_that_is_not_a_number_fails_and_says_so():
     decision = GateDecision({"model score": (1.0, 2.0), "RGB novelty": (float("nan"), 0.068)})
     assert not decision.passed and decision.failed() == ["RGB novelty"]
     assert decision.ratio == float("inf")
+    # a limit of 0 (a score threshold at 0): no division by zero, a value above it fails
+    zero = GateDecision({"model score": (0.5, 0.0), "RGB novelty": (0.01, 0.068)})
+    assert zero.failed() == ["model score"] and zero.ratio == float("inf")
     assert decision.describe() == "RGB novelty nan > 0.068, model score 1 <= 2"
 
 

@@ -295,8 +295,11 @@ class GateDecision:
     @property
     def ratio(self) -> float:
         """The largest value / limit (≤ 1 passes): one number to sort a quarantine by
-        (a value that is not a number counts as infinitely far above its limit)."""
-        ratios = [math.inf if math.isnan(v) else v / lim for v, lim in self.checks.values()]
+        (a value that is not a number, or above a limit of 0, counts as infinitely far)."""
+        ratios = [
+            v / lim if lim > 0 and not math.isnan(v) else (0.0 if v <= lim else math.inf)
+            for v, lim in self.checks.values()
+        ]
         return max(ratios, default=0.0)
 
     def failed(self) -> list[str]:
