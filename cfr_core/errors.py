@@ -5,7 +5,9 @@ Every error names what was wrong and, where possible, the file involved and the 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 
 class CFRError(Exception):
@@ -47,3 +49,14 @@ class ConfigError(CFRError, ValueError):
 
 class MetricError(CFRError, ValueError):
     """Inputs for which a metric is undefined (one class only, mismatched shapes, NaN)."""
+
+
+def finite_number(value: Any, what: str, or_null: bool = False) -> float | None:
+    """``value`` read from a JSON file as a finite number (not a bool, not a string), or
+    None where ``or_null`` allows it; otherwise a ValueError naming ``what``."""
+    if value is None and or_null:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        kind = "a finite number or null" if or_null else "a finite number"
+        raise ValueError(f"{what} must be {kind}, got {value!r}")
+    return float(value)

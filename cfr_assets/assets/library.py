@@ -72,7 +72,7 @@ def shot_library(
             verdict, score, limit, checks = "accepted", None, None, ""
             if gate is not None:
                 decision, result = gate_scan(gate, scan)
-                score, limit = result.score, decision.checks.get("model score", (0, None))[1]
+                score, limit = result.score, decision.checks["model score"][1]
                 checks = decision.describe()
                 if not decision.passed:
                     verdict = "quarantined"

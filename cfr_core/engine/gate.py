@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from cfr_core.engine.features import FeatureSet
-from cfr_core.errors import CFRError, DataError
+from cfr_core.errors import CFRError, DataError, finite_number
 from cfr_core.memory import max_cosine
 from cfr_core.scoring.maps import box_blur
 from cfr_core.scoring.overlay import overlay
@@ -108,7 +108,7 @@ class LibraryGate:
             [list(b) for b in GATE_BLUR],
         ):
             raise ValueError("library_gate was built with another stride or blur than this code")
-        margin = _number(meta.get("margin"), "library_gate margin")
+        margin = finite_number(meta.get("margin"), "library_gate margin")
         if margin < 0:
             raise ValueError(f"library_gate margin must be >= 0, got {margin}")
         scans = meta.get("scans")
@@ -121,8 +121,10 @@ class LibraryGate:
             )
         limits, loo = {}, {}
         for m in MODALITIES:
-            limits[m] = _number(meta["limits"][m], f"library_gate limit of {m}")
-            loo[m] = [_number(x, f"library_gate loo_peaks of {m}") for x in meta["loo_peaks"][m]]
+            limits[m] = finite_number(meta["limits"][m], f"library_gate limit of {m}")
+            loo[m] = [
+                finite_number(x, f"library_gate loo_peaks of {m}") for x in meta["loo_peaks"][m]
+            ]
             if not 0 < limits[m] <= 2:
                 raise ValueError(f"library_gate limit of {m} must be in (0, 2], got {limits[m]}")
             if len(loo[m]) != len(scans) or not math.isclose(
@@ -152,13 +154,6 @@ class LibraryGate:
                 raise ValueError(f"gate.{m}_stats has a standard deviation <= 0")
             banks[m], stats[m] = bank, stat.float()
         return cls(banks, stats, limits, loo, [str(s) for s in scans], margin, smallest)
-
-
-def _number(value: Any, what: str) -> float:
-    """A finite JSON number (not a bool, not a string)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def _sampled_rows(features: FeatureSet, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import subprocess
 from dataclasses import asdict
@@ -41,7 +40,7 @@ from cfr_core.data.io import atomic_folder, sha256_file
 from cfr_core.engine.gate import LibraryGate
 from cfr_core.engine.model import FittedModel, ShotRecord
 from cfr_core.engine.normalize import FeatureNorm
-from cfr_core.errors import CFRError, DataError
+from cfr_core.errors import CFRError, DataError, finite_number
 from cfr_core.memory.bank import Banks
 from cfr_core.models.mappers import CrossModalMappers
 from cfr_core.models.retriever import AttentionRetriever
@@ -232,13 +231,7 @@ def load_model(folder: str | Path, verify: bool = True) -> FittedModel:
 def model_from_parts(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> FittedModel:
     """Rebuild a model from its metadata (``model.json`` fields) and named tensors."""
     for key in ("threshold", "gate_threshold"):  # what decides PASS/FAIL and the gate
-        value = meta.get(key)
-        if value is not None and (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
-            raise ValueError(f"{key} must be a finite number or null, got {value!r}")
+        finite_number(meta.get(key), key, or_null=True)
     for key in ("history", "extra", "lineage", "dims"):
         if not isinstance(meta.get(key, {}), dict):
             raise ValueError(f"{key} must be an object, got {type(meta[key]).__name__}")
