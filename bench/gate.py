@@ -64,6 +64,7 @@ from cfr_core.engine.gate import (  # noqa: E402
     MODALITIES,
     build_library_gate,
     foreground_missing,
+    novelty_limit,
     novelty_peaks,
 )
 from cfr_core.io.artifacts import load_model  # noqa: E402
@@ -179,7 +180,7 @@ def library_flags(lib: dict, margin: float) -> np.ndarray:
     or more than FOREGROUND_MISSING_LIMIT of the smallest library foreground missing."""
     flags = np.array(lib["test_foreground_missing"]) > FOREGROUND_MISSING_LIMIT
     for m in MODALITIES:
-        flags |= np.array(lib["test"][m]) > max(lib["loo"][m]) * (1.0 + margin)
+        flags |= np.array(lib["test"][m]) > novelty_limit(lib["loo"][m], margin)
     return flags
 
 

@@ -128,7 +128,7 @@ class LibraryGate:
             if not 0 < limits[m] <= 2:
                 raise ValueError(f"library_gate limit of {m} must be in (0, 2], got {limits[m]}")
             if len(loo[m]) != len(scans) or not math.isclose(
-                limits[m], max(loo[m]) * (1 + margin), rel_tol=1e-6
+                limits[m], novelty_limit(loo[m], margin), rel_tol=1e-6
             ):
                 raise ValueError(
                     f"library_gate limit of {m} ({limits[m]}) is not the highest of its "
@@ -154,6 +154,11 @@ class LibraryGate:
                 raise ValueError(f"gate.{m}_stats has a standard deviation <= 0")
             banks[m], stats[m] = bank, stat.float()
         return cls(banks, stats, limits, loo, [str(s) for s in scans], margin, smallest)
+
+
+def novelty_limit(loo_peaks: list[float], margin: float) -> float:
+    """A modality's limit: the library's highest leave-one-out novelty peak × (1 + margin)."""
+    return max(loo_peaks) * (1.0 + margin)
 
 
 def _sampled_rows(features: FeatureSet, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -235,7 +240,7 @@ def build_library_gate(library: FeatureSet, margin: float) -> LibraryGate:
         for m in MODALITIES:
             others = torch.cat([p[0][m] for j, p in enumerate(pieces) if j != i])
             loo[m].append(round(_peak(1.0 - max_cosine(rows[m], others), mask), 6))
-    limits = {m: max(loo[m]) * (1.0 + margin) for m in MODALITIES}
+    limits = {m: novelty_limit(loo[m], margin) for m in MODALITIES}
     if not all(v > 0 for v in limits.values()):
         raise NoLibraryCheck(
             "the library's good scans are too alike to calibrate on (every leave-one-out "
