@@ -199,6 +199,13 @@ def test_a_hand_edited_gate_cannot_pass_every_scan(fitted):
     refused("finite number", limits={"points": True})
     refused("leave-one-out peaks", limits={"rgb": gate_meta["limits"]["rgb"] * 3})
     refused("leave-one-out peaks", margin=gate_meta["margin"] + 1)
+    refused("nothing else", limits={"colour": 0.1})
+    refused(
+        "needs limits and leave-one-out peaks",
+        limits={"colour": 0.1},
+        loo_peaks={**gate_meta["loo_peaks"], "colour": [0.1] * len(gate_meta["scans"])},
+    )
+    refused("leave-one-out peaks", limits={"pairing": gate_meta["limits"]["pairing"] / 2})
     refused("positive integer", min_foreground=0)
     refused("at least 2 scan keys", scans="abc")
     bank, stats = fitted.tensors()["gate.rgb"], fitted.tensors()["gate.rgb_stats"]
@@ -260,3 +267,46 @@ def test_a_scan_with_a_sliver_of_foreground_is_stopped(fitted, dome):
     decision = gate_decision(fitted, 0.0, sliver)
     assert FOREGROUND_CHECK in decision.failed()
     assert decision.checks[FOREGROUND_CHECK][0] > 0.9
+
+
+def test_a_pairing_no_good_scan_shows_is_stopped_though_each_modality_looks_good(dome):
+    """Move real 3D features of the part's rim to its middle, where the colour image stays
+    as it was: each modality alone is still like some good pixel, only the pair is new."""
+    from cfr_core.engine.gate import CHECKS, LABELS, PAIRING
+
+    gate = build_library_gate(dome["library"], margin=0.1)
+    assert gate.checks == CHECKS and LABELS[PAIRING] == "RGB-3D pairing novelty"
+    good = dome["test"].select([dome["labels"].index(0)])
+    before = novelty_peaks(gate, good)[0]
+    assert all(before[c] <= gate.limits[c] for c in CHECKS)
+    fg = good.foreground[0]
+    ys, xs = torch.nonzero(fg, as_tuple=True)
+    cy, cx = int(ys.float().median()), int(xs.float().median())
+    top = int(ys.min())  # the rim of the part, above its middle
+    swapped = replace(good, points=good.points.clone())
+    rim = good.points[0][:, top + 1 : top + 2, cx - 4 : cx + 4]  # one row of real rim pixels
+    swapped.points[0][:, cy - 4 : cy + 4, cx - 4 : cx + 4] = rim.expand(-1, 8, -1)
+    after = novelty_peaks(gate, swapped)[0]
+    assert after["rgb"] == pytest.approx(before["rgb"])  # the colour image is unchanged
+    assert after["points"] <= gate.limits["points"]  # rim geometry: seen on every good part
+    assert after[PAIRING] > gate.limits[PAIRING]  # ... but never under the part's middle
+
+
+def test_a_model_saved_before_the_pairing_check_keeps_its_two_checks(fitted, dome):
+    """Models registered before the pairing check existed still load and gate (RGB and 3D);
+    the summary says a refit adds the third check."""
+    import json
+
+    from cfr_core.engine.gate import PAIRING, gate_summary
+    from cfr_core.io.artifacts import model_from_parts, model_metadata
+
+    meta = json.loads(json.dumps(model_metadata(fitted)))
+    for key in ("limits", "loo_peaks"):
+        del meta["library_gate"][key][PAIRING]
+    older = model_from_parts(meta, fitted.tensors())
+    assert older.library_gate.checks == MODALITIES
+    assert "refit to add it" in gate_summary(older)
+    decision = gate_decision(older, 0.0, dome["ribbed"])
+    assert "RGB-3D pairing novelty" not in decision.checks
+    assert {"RGB novelty", "3D novelty"} <= set(decision.failed())
+    assert "RGB-3D pairing novelty <= " in gate_summary(fitted)

@@ -11,16 +11,21 @@ library** (the pool the shots are drawn from, plus validation scans).
   pixel of each library scan, standardised per channel on the library.
 * A scan's **novelty** per modality: 1 − the largest cosine similarity of each
   sampled pixel to that modality's bank, box-blurred (``GATE_BLUR``); its peak.
+* Its **pairing novelty**: the same with both modalities at once, 1 − the largest
+  *mean* of the RGB and 3D cosines to one library pixel. Each modality alone can
+  look like some good pixel while the pair does not (paint where the part has no
+  stud): only this check, of the library's, compares the modalities.
 * Its **limits**: each library scan's peak against the bank of the *other*
   library scans (leave-one-out: a good scan the bank has not seen), the highest
-  of them × (1 + ``ScoringConfig.library_gate_margin``).
+  of them × (1 + ``ScoringConfig.library_gate_margin``), one margin for all three.
 
 A scan enters the library only when its model score is within the model's gate
-threshold, both novelty peaks are within their limits *and* it has at least half the
-foreground of the smallest library scan (:func:`gate_decision`).
-Stride, blur, the per-modality split and both margins were chosen on the
-development categories (bench/gate.py, bench/results/gate.md). Needs at least two
-library scans (leave-one-out); with fewer the gate uses the model's score alone.
+threshold, the three novelty peaks are within their limits *and* it has at least half
+the foreground of the smallest library scan (:func:`gate_decision`).
+Stride, blur, the checks and both margins were chosen on the development
+categories (bench/gate.py, bench/results/gate.md). Needs at least two library
+scans (leave-one-out); with fewer the gate uses the model's score alone. A model
+saved before the pairing check existed keeps its RGB and 3D checks.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cfr_core.engine.features import FeatureSet
 from cfr_core.errors import CFRError, DataError, finite_number
@@ -48,7 +54,10 @@ GATE_STRIDE = 2
 #: blur of the (strided) novelty map before its peak is taken
 GATE_BLUR = ((5, 5),)
 MODALITIES = ("rgb", "points")
-LABELS = {"rgb": "RGB novelty", "points": "3D novelty"}
+PAIRING = "pairing"
+#: the library's checks: one per modality, and both modalities together
+CHECKS = (*MODALITIES, PAIRING)
+LABELS = {"rgb": "RGB novelty", "points": "3D novelty", PAIRING: "RGB-3D pairing novelty"}
 FOREGROUND_CHECK = "foreground missing"
 
 
@@ -62,11 +71,26 @@ class LibraryGate:
 
     banks: dict[str, torch.Tensor]  # modality -> N×C standardised rows (float16)
     stats: dict[str, torch.Tensor]  # modality -> 2×C (mean, std)
-    limits: dict[str, float]  # modality -> novelty peak limit
-    loo_peaks: dict[str, list[float]]  # modality -> leave-one-out peak of each library scan
+    limits: dict[str, float]  # check (CHECKS) -> novelty peak limit
+    loo_peaks: dict[str, list[float]]  # check -> leave-one-out peak of each library scan
     scans: list[str]  # keys of the library scans
     margin: float
     min_foreground: int  # sampled foreground pixels of the library's smallest scan
+    _searchable: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def checks(self) -> tuple[str, ...]:
+        """The checks this gate holds: CHECKS (RGB and 3D only in a model saved before
+        the pairing check existed)."""
+        return tuple(c for c in CHECKS if c in self.limits)
+
+    def searchable(self) -> dict[str, torch.Tensor]:
+        """The banks as float32 unit rows per check (the pairing bank joins both), made
+        once per loaded gate."""
+        if self._searchable is None:
+            unit = {m: F.normalize(self.banks[m].float(), dim=1) for m in MODALITIES}
+            self._searchable = {**unit, PAIRING: _pair(unit["rgb"], unit["points"])}
+        return self._searchable
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"gate.{m}": self.banks[m] for m in MODALITIES}
@@ -120,7 +144,16 @@ class LibraryGate:
                 f"library_gate min_foreground must be a positive integer, got {smallest!r}"
             )
         limits, loo = {}, {}
-        for m in MODALITIES:
+        if not isinstance(meta.get("limits"), dict) or not isinstance(meta.get("loo_peaks"), dict):
+            raise ValueError("library_gate limits and loo_peaks must be objects")
+        names = set(meta["limits"])
+        if names != set(meta["loo_peaks"]) or not set(MODALITIES) <= names <= set(CHECKS):
+            raise ValueError(
+                f"library_gate needs limits and leave-one-out peaks of {list(MODALITIES)} "
+                f"(and {PAIRING!r} since it exists), nothing else; got limits of "
+                f"{sorted(names)} and peaks of {sorted(meta['loo_peaks'])}"
+            )
+        for m in [c for c in CHECKS if c in names]:
             limits[m] = finite_number(meta["limits"][m], f"library_gate limit of {m}")
             loo[m] = [
                 finite_number(x, f"library_gate loo_peaks of {m}") for x in meta["loo_peaks"][m]
@@ -176,6 +209,18 @@ def _sampled_rows(features: FeatureSet, i: int) -> tuple[dict[str, torch.Tensor]
 
 def _standardise(rows: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     return (rows - stats[0]) / stats[1]
+
+
+def _pair(rgb: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Rows of both modalities as one unit vector, whose cosine to another such row is the
+    mean of the two modalities' cosines (each modality weighs the same, whatever its width)."""
+    return torch.cat([F.normalize(rgb, dim=1), F.normalize(points, dim=1)], 1) / math.sqrt(2)
+
+
+def _check_rows(rows: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]):
+    """A sample's standardised rows per check (CHECKS), unit length."""
+    unit = {m: F.normalize(_standardise(rows[m], stats[m]), dim=1) for m in MODALITIES}
+    return {**unit, PAIRING: _pair(unit["rgb"], unit["points"])}
 
 
 def _blurred(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -234,13 +279,13 @@ def build_library_gate(library: FeatureSet, margin: float) -> LibraryGate:
     pieces = []
     for i in range(len(library)):
         rows, mask = _sampled_rows(library, i)
-        pieces.append(({m: _standardise(rows[m], stats[m]) for m in MODALITIES}, mask))
-    loo: dict[str, list[float]] = {m: [] for m in MODALITIES}
+        pieces.append((_check_rows(rows, stats), mask))
+    loo: dict[str, list[float]] = {c: [] for c in CHECKS}
     for i, (rows, mask) in enumerate(pieces):
-        for m in MODALITIES:
-            others = torch.cat([p[0][m] for j, p in enumerate(pieces) if j != i])
-            loo[m].append(round(_peak(1.0 - max_cosine(rows[m], others), mask), 6))
-    limits = {m: novelty_limit(loo[m], margin) for m in MODALITIES}
+        for c in CHECKS:
+            others = torch.cat([p[0][c] for j, p in enumerate(pieces) if j != i])
+            loo[c].append(round(_peak(1.0 - max_cosine(rows[c], others), mask), 6))
+    limits = {c: novelty_limit(loo[c], margin) for c in CHECKS}
     if not all(v > 0 for v in limits.values()):
         raise NoLibraryCheck(
             "the library's good scans are too alike to calibrate on (every leave-one-out "
@@ -252,14 +297,15 @@ def build_library_gate(library: FeatureSet, margin: float) -> LibraryGate:
 
 
 def novelty_maps(gate: LibraryGate, features: FeatureSet, i: int = 0) -> dict[str, torch.Tensor]:
-    """Blurred novelty maps of sample ``i`` per modality, on the feature grid (each value
-    repeated over its GATE_STRIDE² pixels); their maxima are :func:`novelty_peaks`."""
+    """Blurred novelty maps of sample ``i`` per check (``gate.checks``), on the feature grid
+    (each value repeated over its GATE_STRIDE² pixels); their maxima are :func:`novelty_peaks`."""
     rows, mask = _sampled_rows(features, i)
     if not mask.any():  # nothing to compare: never passes
-        return {m: torch.full(mask.shape, float("inf")) for m in MODALITIES}
+        return {c: torch.full(mask.shape, float("inf")) for c in gate.checks}
     out = {}
-    for m in MODALITIES:
-        values = 1.0 - max_cosine(_standardise(rows[m], gate.stats[m]), gate.banks[m].float())
+    queries, banks = _check_rows(rows, gate.stats), gate.searchable()
+    for m in gate.checks:
+        values = 1.0 - max_cosine(queries[m], banks[m])
         coarse = _blurred(values, mask)
         grid = coarse.repeat_interleave(GATE_STRIDE, 0).repeat_interleave(GATE_STRIDE, 1)
         out[m] = grid[: mask.shape[0], : mask.shape[1]]
@@ -274,7 +320,7 @@ def foreground_missing(gate: LibraryGate, features: FeatureSet, i: int = 0) -> f
 
 
 def novelty_peaks(gate: LibraryGate, features: FeatureSet) -> list[dict[str, float]]:
-    """Per sample, the novelty peak of each modality against the library bank."""
+    """Per sample, the novelty peak of each check against the library bank."""
     return [
         {m: float(v.max()) for m, v in novelty_maps(gate, features, i).items()}
         for i in range(len(features))
@@ -332,8 +378,8 @@ def gate_heatmap(decision: GateDecision, scanned) -> tuple[np.ndarray, str]:
 
 def gate_decision(model, score: float, features: FeatureSet) -> GateDecision:
     """The quality gate on one scan: the model's score against its gate threshold and,
-    when the model holds a library check, the scan's foreground and each modality's
-    novelty against their limits. A model without a threshold cannot gate (it fails
+    when the model holds a library check, the scan's foreground and its novelty per
+    modality and of the RGB-3D pairing against their limits. A model without a threshold cannot gate (it fails
     closed: an error, never a pass)."""
     limit = model.gate_threshold if model.gate_threshold is not None else model.threshold
     if limit is None:
@@ -361,7 +407,6 @@ def gate_summary(model) -> str:
     gate = model.library_gate
     if gate is None:
         return "no library check (it needs 2 good library scans)"
-    return (
-        f"library check on {len(gate.scans)} good scans: RGB novelty <= "
-        f"{gate.limits['rgb']:.4f}, 3D novelty <= {gate.limits['points']:.4f}"
-    )
+    limits = ", ".join(f"{LABELS[c]} <= {gate.limits[c]:.4f}" for c in gate.checks)
+    older = "" if PAIRING in gate.checks else " (no pairing check: refit to add it)"
+    return f"library check on {len(gate.scans)} good scans: {limits}{older}"
