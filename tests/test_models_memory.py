@@ -141,6 +141,40 @@ def test_max_cosine_equals_the_top_1_search_at_feature_widths(dim):
     )
 
 
+@pytest.mark.parametrize("budget", [1 << 26, 700])
+def test_paired_search_gives_each_modality_and_the_best_joint_match(budget):
+    """max_cosine_pair: per modality the plain max cosine; for the pair, the best mean of
+    both cosines *to one bank row*, which is below the mean of the separate maxima when
+    the best matches of the two modalities are different rows."""
+    from cfr_core.memory import max_cosine_pair
+
+    torch.manual_seed(6)
+    qa, qb, ba, bb = (
+        torch.randn(90, 152),
+        torch.randn(90, 38),
+        torch.randn(400, 152),
+        torch.randn(400, 38),
+    )
+    a, b, pair = max_cosine_pair((qa, qb), (ba, bb), budget=budget)
+    assert torch.allclose(a, max_cosine(qa, ba), atol=1e-6)
+    assert torch.allclose(b, max_cosine(qb, bb), atol=1e-6)
+    unit = torch.nn.functional.normalize
+    joint = (
+        torch.cat([unit(qa, dim=1), unit(qb, dim=1)], 1)
+        @ torch.cat([unit(ba, dim=1), unit(bb, dim=1)], 1).T
+        / 2
+    )
+    assert torch.allclose(pair, joint.max(dim=1).values, atol=1e-6)
+    assert bool((pair < (a + b) / 2 - 1e-4).any()) and bool((pair <= (a + b) / 2 + 1e-6).all())
+    # a query made of bank row 3's colour and bank row 7's shape: each modality matches
+    # exactly, the pair does not
+    mixed = max_cosine_pair((ba[3:4], bb[7:8]), (ba, bb))
+    assert mixed[0].item() == pytest.approx(1) and mixed[1].item() == pytest.approx(1)
+    assert mixed[2].item() < 0.9
+    with pytest.raises(ValueError, match="paired rows differ"):
+        max_cosine_pair((qa, qb[:5]), (ba, bb))
+
+
 @pytest.mark.parametrize("head", [1, 37, 300, 5000])
 def test_two_pass_similarity_test_equals_the_full_search(head):
     torch.manual_seed(4)

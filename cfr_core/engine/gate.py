@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from cfr_core.engine.features import FeatureSet
 from cfr_core.errors import CFRError, DataError, finite_number
-from cfr_core.memory import max_cosine
+from cfr_core.memory import max_cosine_pair
 from cfr_core.scoring.maps import box_blur
 from cfr_core.scoring.overlay import overlay
 
@@ -85,11 +85,9 @@ class LibraryGate:
         return tuple(c for c in CHECKS if c in self.limits)
 
     def searchable(self) -> dict[str, torch.Tensor]:
-        """The banks as float32 unit rows per check (the pairing bank joins both), made
-        once per loaded gate."""
+        """The banks as float32 unit rows per modality, made once per loaded gate."""
         if self._searchable is None:
-            unit = {m: F.normalize(self.banks[m].float(), dim=1) for m in MODALITIES}
-            self._searchable = {**unit, PAIRING: _pair(unit["rgb"], unit["points"])}
+            self._searchable = {m: F.normalize(self.banks[m].float(), dim=1) for m in MODALITIES}
         return self._searchable
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -211,16 +209,21 @@ def _standardise(rows: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     return (rows - stats[0]) / stats[1]
 
 
-def _pair(rgb: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Rows of both modalities as one unit vector, whose cosine to another such row is the
-    mean of the two modalities' cosines (each modality weighs the same, whatever its width)."""
-    return torch.cat([F.normalize(rgb, dim=1), F.normalize(points, dim=1)], 1) / math.sqrt(2)
+def _unit_rows(rows: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]):
+    """A sample's rows per modality, standardised on the library, unit length."""
+    return {m: F.normalize(_standardise(rows[m], stats[m]), dim=1) for m in MODALITIES}
 
 
-def _check_rows(rows: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]):
-    """A sample's standardised rows per check (CHECKS), unit length."""
-    unit = {m: F.normalize(_standardise(rows[m], stats[m]), dim=1) for m in MODALITIES}
-    return {**unit, PAIRING: _pair(unit["rgb"], unit["points"])}
+def _novelties(
+    queries: dict[str, torch.Tensor], banks: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per check, 1 − the best cosine of each query pixel to the bank: per modality, and
+    for the pairing the best *mean* of both modalities' cosines to one bank pixel (each
+    modality weighs the same, whatever its width)."""
+    rgb, points, pair = max_cosine_pair(
+        (queries["rgb"], queries["points"]), (banks["rgb"], banks["points"])
+    )
+    return {"rgb": 1.0 - rgb, "points": 1.0 - points, PAIRING: 1.0 - pair}
 
 
 def _blurred(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -279,12 +282,14 @@ def build_library_gate(library: FeatureSet, margin: float) -> LibraryGate:
     pieces = []
     for i in range(len(library)):
         rows, mask = _sampled_rows(library, i)
-        pieces.append((_check_rows(rows, stats), mask))
+        pieces.append((_unit_rows(rows, stats), mask))
     loo: dict[str, list[float]] = {c: [] for c in CHECKS}
     for i, (rows, mask) in enumerate(pieces):
-        for c in CHECKS:
-            others = torch.cat([p[0][c] for j, p in enumerate(pieces) if j != i])
-            loo[c].append(round(_peak(1.0 - max_cosine(rows[c], others), mask), 6))
+        others = {
+            m: torch.cat([p[0][m] for j, p in enumerate(pieces) if j != i]) for m in MODALITIES
+        }
+        for c, values in _novelties(rows, others).items():
+            loo[c].append(round(_peak(values, mask), 6))
     limits = {c: novelty_limit(loo[c], margin) for c in CHECKS}
     if not all(v > 0 for v in limits.values()):
         raise NoLibraryCheck(
@@ -303,10 +308,9 @@ def novelty_maps(gate: LibraryGate, features: FeatureSet, i: int = 0) -> dict[st
     if not mask.any():  # nothing to compare: never passes
         return {c: torch.full(mask.shape, float("inf")) for c in gate.checks}
     out = {}
-    queries, banks = _check_rows(rows, gate.stats), gate.searchable()
+    values = _novelties(_unit_rows(rows, gate.stats), gate.searchable())
     for m in gate.checks:
-        values = 1.0 - max_cosine(queries[m], banks[m])
-        coarse = _blurred(values, mask)
+        coarse = _blurred(values[m], mask)
         grid = coarse.repeat_interleave(GATE_STRIDE, 0).repeat_interleave(GATE_STRIDE, 1)
         out[m] = grid[: mask.shape[0], : mask.shape[1]]
     return out

@@ -8,7 +8,7 @@ from cfr_core.memory.bank import (
     joint_features,
 )
 from cfr_core.memory.coreset import greedy_coreset
-from cfr_core.memory.search import max_cosine, nearest_distance, topk_cosine
+from cfr_core.memory.search import max_cosine, max_cosine_pair, nearest_distance, topk_cosine
 
 __all__ = [
     "Banks",
@@ -18,6 +18,7 @@ __all__ = [
     "greedy_coreset",
     "joint_features",
     "max_cosine",
+    "max_cosine_pair",
     "nearest_distance",
     "topk_cosine",
 ]

@@ -122,3 +122,39 @@ def any_similar(
     if head < b.shape[0] and undecided.numel():
         found[undecided] = _max_cosine(q[undecided], b[head:], budget) >= min_sim
     return found
+
+
+def max_cosine_pair(
+    queries: tuple[torch.Tensor, torch.Tensor],
+    banks: tuple[torch.Tensor, torch.Tensor],
+    budget: int = DEFAULT_BUDGET,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For two feature sets of the same query pixels and of the same bank pixels (e.g. RGB
+    and 3D): each query's highest cosine to any bank row in the first set, in the second,
+    and the highest *mean* of the two cosines to one bank row (how well the pair matches).
+
+    One pass over the bank gives all three (the pair needs no third search). Rows need
+    not be unit length; ``banks`` must have as many rows as each other."""
+    (qa, qb), (ba, bb) = queries, banks
+    _check(qa, ba)
+    _check(qb, bb)
+    if qa.shape[0] != qb.shape[0] or ba.shape[0] != bb.shape[0]:
+        raise ValueError(
+            f"paired rows differ: queries {qa.shape[0]} / {qb.shape[0]}, "
+            f"bank {ba.shape[0]} / {bb.shape[0]}"
+        )
+    qa, qb = F.normalize(qa.float(), dim=1), F.normalize(qb.float(), dim=1)
+    ba, bb = F.normalize(ba.float(), dim=1), F.normalize(bb.float(), dim=1)
+    rows = max(1, budget // max(1, 2 * ba.shape[0]))
+    if max(qa.shape[1], qb.shape[1]) < NARROW_DIM:
+        rows = min(rows, NARROW_ROWS)
+    best_a, best_b, best_pair = [], [], []
+    for s in range(0, qa.shape[0], rows):
+        sa, sb = qa[s : s + rows] @ ba.T, qb[s : s + rows] @ bb.T
+        best_a.append(sa.amax(dim=1))
+        best_b.append(sb.amax(dim=1))
+        best_pair.append(sa.add_(sb).amax(dim=1) * 0.5)
+    if not best_a:
+        empty = torch.empty(0, device=qa.device)
+        return empty, empty, empty
+    return torch.cat(best_a), torch.cat(best_b), torch.cat(best_pair)
