@@ -59,6 +59,9 @@ def test_limits_are_the_leave_one_out_maximum_and_library_scans_pass(dome):
     # a scan that is in the bank finds itself: far below the leave-one-out limit
     for peaks in novelty_peaks(gate, lib):
         assert all(peaks[m] < 0.5 * gate.limits[m] for m in MODALITIES)
+    # a copy with other banks searches those, not the first gate's cached search banks
+    flipped = replace(gate, banks={m: -b for m, b in gate.banks.items()})
+    assert novelty_peaks(flipped, lib.select([0]))[0]["rgb"] > gate.limits["rgb"]
 
 
 def test_a_wrong_part_and_an_unseen_local_appearance_are_stopped(dome):
@@ -206,6 +209,7 @@ def test_a_hand_edited_gate_cannot_pass_every_scan(fitted):
         loo_peaks={**gate_meta["loo_peaks"], "colour": [0.1] * len(gate_meta["scans"])},
     )
     refused("leave-one-out peaks", limits={"pairing": gate_meta["limits"]["pairing"] / 2})
+    refused("must be a list of numbers", loo_peaks={**gate_meta["loo_peaks"], "pairing": 0.1})
     refused("positive integer", min_foreground=0)
     refused("at least 2 scan keys", scans="abc")
     bank, stats = fitted.tensors()["gate.rgb"], fitted.tensors()["gate.rgb_stats"]
@@ -213,6 +217,10 @@ def test_a_hand_edited_gate_cannot_pass_every_scan(fitted):
     refused("non-empty 2-D float", tensors={"gate.rgb": bank[:0]})
     refused("non-empty 2-D float", tensors={"gate.rgb": bank.flatten()})
     refused("features are", tensors={"gate.rgb_stats": stats[:, 1:]})
+    refused("one library pixel of both modalities", tensors={"gate.rgb": bank[:-3]})
+    without = {k: v for k, v in fitted.tensors().items() if k != "gate.points"}
+    with pytest.raises(ValueError, match=r"without its tensors \['gate.points'\]"):
+        model_from_parts(meta, without)
     refused("non-finite", tensors={"gate.rgb": torch.full_like(bank, float("nan"))})
     refused("standard deviation", tensors={"gate.rgb_stats": stats * torch.tensor([[1.0], [0.0]])})
 

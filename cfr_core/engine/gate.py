@@ -8,7 +8,7 @@ library check adds what the shop floor already has: **every good scan of the
 library** (the pool the shots are drawn from, plus validation scans).
 
 * Its bank: the raw RGB and 3D features of every ``GATE_STRIDE``-th foreground
-  pixel of each library scan, standardised per channel on the library.
+  pixel of each library scan, standardised per channel on the library (unit rows).
 * A scan's **novelty** per modality: 1 − the largest cosine similarity of each
   sampled pixel to that modality's bank, box-blurred (``GATE_BLUR``); its peak.
 * Its **pairing novelty**: the same with both modalities at once, 1 − the largest
@@ -69,14 +69,16 @@ class NoLibraryCheck(CFRError, ValueError):
 class LibraryGate:
     """Banks, standardisation and limits of the library check (saved with the model)."""
 
-    banks: dict[str, torch.Tensor]  # modality -> N×C standardised rows (float16)
+    banks: dict[str, torch.Tensor]  # modality -> N×C standardised unit rows (float16)
     stats: dict[str, torch.Tensor]  # modality -> 2×C (mean, std)
     limits: dict[str, float]  # check (CHECKS) -> novelty peak limit
     loo_peaks: dict[str, list[float]]  # check -> leave-one-out peak of each library scan
     scans: list[str]  # keys of the library scans
     margin: float
     min_foreground: int  # sampled foreground pixels of the library's smallest scan
-    _searchable: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    _searchable: dict[str, torch.Tensor] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )  # not copied by dataclasses.replace, so new banks never meet an old cache
 
     @property
     def checks(self) -> tuple[str, ...]:
@@ -149,10 +151,12 @@ class LibraryGate:
             raise ValueError(
                 f"library_gate needs limits and leave-one-out peaks of {list(MODALITIES)} "
                 f"(and {PAIRING!r} since it exists), nothing else; got limits of "
-                f"{sorted(names)} and peaks of {sorted(meta['loo_peaks'])}"
+                f"{sorted(map(str, names))} and peaks of {sorted(map(str, meta['loo_peaks']))}"
             )
         for m in [c for c in CHECKS if c in names]:
             limits[m] = finite_number(meta["limits"][m], f"library_gate limit of {m}")
+            if not isinstance(meta["loo_peaks"][m], list):
+                raise ValueError(f"library_gate loo_peaks of {m} must be a list of numbers")
             loo[m] = [
                 finite_number(x, f"library_gate loo_peaks of {m}") for x in meta["loo_peaks"][m]
             ]
@@ -167,6 +171,9 @@ class LibraryGate:
                 )
         banks, stats = {}, {}
         for m in MODALITIES:
+            missing = [k for k in (f"gate.{m}", f"gate.{m}_stats") if k not in tensors]
+            if missing:
+                raise ValueError(f"library_gate without its tensors {missing}")
             bank, stat = tensors[f"gate.{m}"], tensors[f"gate.{m}_stats"]
             width = dims[m] if dims is not None else stat.shape[-1]
             if not bank.is_floating_point() or bank.ndim != 2 or bank.shape[0] == 0:
@@ -184,6 +191,11 @@ class LibraryGate:
             if not bool((stat[1] > 0).all()):
                 raise ValueError(f"gate.{m}_stats has a standard deviation <= 0")
             banks[m], stats[m] = bank, stat.float()
+        if banks["rgb"].shape[0] != banks["points"].shape[0]:
+            raise ValueError(
+                f"gate.rgb has {banks['rgb'].shape[0]} rows and gate.points "
+                f"{banks['points'].shape[0]}: each row is one library pixel of both modalities"
+            )
         return cls(banks, stats, limits, loo, [str(s) for s in scans], margin, smallest)
 
 
