@@ -328,8 +328,9 @@ def summarise(rows: list[dict], shots: int) -> str:
         "RGB-3D pairing), against every good library scan (train/good + validation/good) "
         "above the library's highest leave-one-out peak × (1 + margin); *without pairing*: "
         "the two modalities' checks only. *Model score + library check*: a scan is stopped "
-        "when either stops it (margins model / library). False quarantine: good test scans (never seen) stopped; "
-        "caught: defective test scans stopped. Means over categories and few-shot seeds. "
+        "when either stops it (margins model / library). False quarantine: good test scans "
+        "(never seen) stopped; caught: defective test scans stopped. Means over categories "
+        "and few-shot seeds. "
         "Target: false quarantine ≤ 5 % with ≥ 90 % caught. In force: "
         f"**{IN_FORCE[0]}, {label(IN_FORCE[1])}** (`ScoringConfig.gate_margin`, "
         "`ScoringConfig.library_gate_margin`).",
@@ -380,8 +381,8 @@ def summarise(rows: list[dict], shots: int) -> str:
         if split == "dev":
             best = choose(sel_split)
             lines += [
-                "Choice rule: the most caught among "
-                "those whose mean false quarantine is ≤ 5 %, else the lowest false quarantine → "
+                "Choice rule: the most caught among those whose mean false quarantine is "
+                "≤ 5 %, else the lowest false quarantine → "
                 f"**{best[0]}, {best[1]}**.",
                 "",
             ]

@@ -59,7 +59,7 @@ def test_limits_are_the_leave_one_out_maximum_and_library_scans_pass(dome):
     # a scan that is in the bank finds itself: far below the leave-one-out limit
     for peaks in novelty_peaks(gate, lib):
         assert all(peaks[m] < 0.5 * gate.limits[m] for m in MODALITIES)
-    # a copy with other banks searches those, not the first gate's cached search banks
+    # a copy with other banks searches those banks
     flipped = replace(gate, banks={m: -b for m, b in gate.banks.items()})
     assert novelty_peaks(flipped, lib.select([0]))[0]["rgb"] > gate.limits["rgb"]
 

@@ -76,21 +76,12 @@ class LibraryGate:
     scans: list[str]  # keys of the library scans
     margin: float
     min_foreground: int  # sampled foreground pixels of the library's smallest scan
-    _searchable: dict[str, torch.Tensor] | None = field(
-        default=None, init=False, repr=False, compare=False
-    )  # not copied by dataclasses.replace, so new banks never meet an old cache
 
     @property
     def checks(self) -> tuple[str, ...]:
         """The checks this gate holds: CHECKS (RGB and 3D only in a model saved before
         the pairing check existed)."""
         return tuple(c for c in CHECKS if c in self.limits)
-
-    def searchable(self) -> dict[str, torch.Tensor]:
-        """The banks as float32 unit rows per modality, made once per loaded gate."""
-        if self._searchable is None:
-            self._searchable = {m: F.normalize(self.banks[m].float(), dim=1) for m in MODALITIES}
-        return self._searchable
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"gate.{m}": self.banks[m] for m in MODALITIES}
@@ -320,7 +311,7 @@ def novelty_maps(gate: LibraryGate, features: FeatureSet, i: int = 0) -> dict[st
     if not mask.any():  # nothing to compare: never passes
         return {c: torch.full(mask.shape, float("inf")) for c in gate.checks}
     out = {}
-    values = _novelties(_unit_rows(rows, gate.stats), gate.searchable())
+    values = _novelties(_unit_rows(rows, gate.stats), gate.banks)
     for m in gate.checks:
         coarse = _blurred(values[m], mask)
         grid = coarse.repeat_interleave(GATE_STRIDE, 0).repeat_interleave(GATE_STRIDE, 1)
@@ -395,8 +386,8 @@ def gate_heatmap(decision: GateDecision, scanned) -> tuple[np.ndarray, str]:
 def gate_decision(model, score: float, features: FeatureSet) -> GateDecision:
     """The quality gate on one scan: the model's score against its gate threshold and,
     when the model holds a library check, the scan's foreground and its novelty per
-    modality and of the RGB-3D pairing against their limits. A model without a threshold cannot gate (it fails
-    closed: an error, never a pass)."""
+    modality and of the RGB-3D pairing against their limits. A model without a
+    threshold cannot gate (it fails closed: an error, never a pass)."""
     limit = model.gate_threshold if model.gate_threshold is not None else model.threshold
     if limit is None:
         raise DataError(

@@ -28,11 +28,16 @@ def _check(queries: torch.Tensor, bank: torch.Tensor) -> None:
         raise ValueError(f"query dim {queries.shape[1]} != bank dim {bank.shape[1]}")
 
 
+def _chunk_rows(dim: int, bank_rows: int, budget: int) -> int:
+    """Query rows per block: ``budget`` similarity elements at most, and NARROW_ROWS for
+    features narrower than NARROW_DIM (their cost is writing the block, not the matmul)."""
+    rows = max(1, budget // max(1, bank_rows))
+    return min(rows, NARROW_ROWS) if dim < NARROW_DIM else rows
+
+
 def _similarity_chunks(q: torch.Tensor, b: torch.Tensor, budget: int) -> Iterator[torch.Tensor]:
     """q @ b.T, a block of query rows at a time."""
-    rows = max(1, budget // max(1, b.shape[0]))
-    if q.shape[1] < NARROW_DIM:
-        rows = min(rows, NARROW_ROWS)
+    rows = _chunk_rows(q.shape[1], b.shape[0], budget)
     for s in range(0, q.shape[0], rows):
         yield q[s : s + rows] @ b.T
 
@@ -145,9 +150,7 @@ def max_cosine_pair(
         )
     qa, qb = F.normalize(qa.float(), dim=1), F.normalize(qb.float(), dim=1)
     ba, bb = F.normalize(ba.float(), dim=1), F.normalize(bb.float(), dim=1)
-    rows = max(1, budget // max(1, 2 * ba.shape[0]))
-    if max(qa.shape[1], qb.shape[1]) < NARROW_DIM:
-        rows = min(rows, NARROW_ROWS)
+    rows = _chunk_rows(max(qa.shape[1], qb.shape[1]), 2 * ba.shape[0], budget)  # two blocks
     best_a, best_b, best_pair = [], [], []
     for s in range(0, qa.shape[0], rows):
         sa, sb = qa[s : s + rows] @ ba.T, qb[s : s + rows] @ bb.T
