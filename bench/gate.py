@@ -5,8 +5,7 @@ they may enter the shot library. The gate in force (cfr_core.engine.gate) has tw
 parts: the deployed model's score against its gate threshold (the highest score of
 the good scans the model was not fitted on × (1 + ``gate_margin``)), and the
 library check: the novelty of each modality, and of the two together (their pairing),
-against every good library scan (a pixel's distance to the library beyond the spread
-of the library pixel it matched), within the highest leave-one-out novelty of the
+against every good library scan, within the highest leave-one-out novelty of the
 library × (1 + ``library_gate_margin``). For
 each candidate rule this script measures, over categories and few-shot seeds:
 
@@ -75,7 +74,7 @@ from cfr_core.scoring.maps import gate_threshold  # noqa: E402
 
 MARGINS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
 LIBRARY_MARGINS = (0.0, 0.05, 0.1, 0.15, 0.2)
-BOTH_MARGINS = [(m, lm) for m in (0.2, 0.3, 0.4, 0.5, 0.75, 1.0) for lm in LIBRARY_MARGINS]
+BOTH_MARGINS = [(m, lm) for m in (0.2, 0.3, 0.4, 0.5, 0.75) for lm in LIBRARY_MARGINS]
 OUT = ROOT / "bench" / "results"
 SOURCES = {"dev": OUT / "dev" / "scores.jsonl", "report": OUT / "accuracy" / "scores.jsonl"}
 CHOSEN = (ScoringConfig().gate_margin, ScoringConfig().library_gate_margin)
@@ -83,12 +82,10 @@ MODEL_VAL = "model score (validation)"
 MODEL_ALL = "model score (validation + unused train)"
 LIBRARY = "library check alone"
 BOTH = "model score (validation + unused train) + library check"
-NO_SPREAD = "model score (validation + unused train) + library check without spread"
-TWO_CHECKS = "model score (validation + unused train) + library check without spread or pairing"
+TWO_CHECKS = "model score (validation + unused train) + library check without pairing"
 IN_FORCE = (BOTH, CHOSEN)
 BEFORE = (MODEL_VAL, 0.3)  # the gate before the library check: validation scans, margin 0.3
 BEFORE_PAIRING = (TWO_CHECKS, (0.4, 0.05))  # the gate before the pairing check
-BEFORE_SPREAD = (NO_SPREAD, (0.5, 0.05))  # the gate before the spread
 
 
 def collect(models: Path, shots: int) -> None:
@@ -143,17 +140,12 @@ def collect_library(split: str) -> None:
         t1 = time.perf_counter()
         peaks = novelty_peaks(gate, test_features)
         t2 = time.perf_counter()
-        plain = build_library_gate(lib_features, margin=0.0, spread=False)
-        plain_peaks = novelty_peaks(plain, test_features)
         lines.append(
             {
                 "category": cat,
                 "library": [s.key for s in lib],
                 "loo": gate.loo_peaks,
                 "test": {c: [round(p[c], 6) for p in peaks] for c in CHECKS},
-                # the gate before the spread: novelty = the plain distance
-                "loo_plain": plain.loo_peaks,
-                "test_plain": {c: [round(p[c], 6) for p in plain_peaks] for c in CHECKS},
                 "test_labels": [s.label for s in test],
                 "test_foreground_missing": [
                     round(foreground_missing(gate, test_features, i), 6) for i in range(len(test))
@@ -187,14 +179,12 @@ def label(margin) -> str:
     return f"{margin:g}"
 
 
-def library_flags(lib: dict, margin: float, checks=CHECKS, spread: bool = True) -> np.ndarray:
+def library_flags(lib: dict, margin: float, checks=CHECKS) -> np.ndarray:
     """Test scans the library check stops at ``margin``: any of ``checks`` above its limit,
-    or more than FOREGROUND_MISSING_LIMIT of the smallest library foreground missing
-    (``spread=False``: the check before the spread, novelty = the plain distance)."""
-    loo, test = ("loo", "test") if spread else ("loo_plain", "test_plain")
+    or more than FOREGROUND_MISSING_LIMIT of the smallest library foreground missing."""
     flags = np.array(lib["test_foreground_missing"]) > FOREGROUND_MISSING_LIMIT
     for m in checks:
-        flags |= np.array(lib[test][m]) > novelty_limit(lib[loo][m], margin)
+        flags |= np.array(lib["test"][m]) > novelty_limit(lib["loo"][m], margin)
     return flags
 
 
@@ -237,18 +227,9 @@ def measure(split: str, shots: int) -> list[dict]:
                 ]
                 rules += [
                     (
-                        NO_SPREAD,
-                        (m, lm),
-                        model_flags(MODEL_ALL, m) | library_flags(lib, lm, spread=False),
-                    )
-                    for m, lm in BOTH_MARGINS
-                ]
-                rules += [
-                    (
                         TWO_CHECKS,
                         (m, lm),
-                        model_flags(MODEL_ALL, m)
-                        | library_flags(lib, lm, MODALITIES, spread=False),
+                        model_flags(MODEL_ALL, m) | library_flags(lib, lm, MODALITIES),
                     )
                     for m, lm in BOTH_MARGINS
                 ]
@@ -258,11 +239,8 @@ def measure(split: str, shots: int) -> list[dict]:
                 m, lm = CHOSEN
                 rules.append((LIBRARY, lm, library_flags(lib, lm)))  # for information only
                 rules.append((BOTH, CHOSEN, model_flags(MODEL_ALL, m) | library_flags(lib, lm)))
-                m, lm = BEFORE_SPREAD[1]
-                plain = model_flags(MODEL_ALL, m) | library_flags(lib, lm, spread=False)
-                rules.append((NO_SPREAD, BEFORE_SPREAD[1], plain))
                 m, lm = BEFORE_PAIRING[1]
-                two = model_flags(MODEL_ALL, m) | library_flags(lib, lm, MODALITIES, spread=False)
+                two = model_flags(MODEL_ALL, m) | library_flags(lib, lm, MODALITIES)
                 rules.append((TWO_CHECKS, BEFORE_PAIRING[1], two))
         rules.append(("oracle", None, test > oracle_threshold(test[good])))
         defects = [s.defect for s in test_samples(bench_data(), rec["category"])]
@@ -294,7 +272,6 @@ def defect_table(rows: list[dict]) -> list[str]:
     """Share stopped per category and defect type (good = false quarantine), mean over seeds,
     for the gate in force, the gate before the library check and the library check alone."""
     shown = [(IN_FORCE[0], label(IN_FORCE[1]), "in force")]
-    shown.append((BEFORE_SPREAD[0], label(BEFORE_SPREAD[1]), "before the spread"))
     shown.append((BEFORE_PAIRING[0], label(BEFORE_PAIRING[1]), "before the pairing check"))
     shown.append((BEFORE[0], label(BEFORE[1]), "before the library check"))
     shown.append((LIBRARY, label(CHOSEN[1]), "library check alone"))
@@ -349,11 +326,8 @@ def summarise(rows: list[dict], shots: int) -> str:
         "= the highest score of the named good scans the model did not fit on × (1 + margin). "
         "*Library check*: the novelty peak of each modality, and of both together (the "
         "RGB-3D pairing), against every good library scan (train/good + validation/good) "
-        "above the library's highest leave-one-out peak × (1 + margin); a pixel's novelty "
-        "is its distance to the library beyond the *spread* of the library pixel it matched "
-        "(that pixel's own distance to the other library scans); *without spread*: the "
-        "plain distance (the gate before the spread); *without pairing*: the two "
-        "modalities' checks only. *Model score + library check*: a scan is stopped "
+        "above the library's highest leave-one-out peak × (1 + margin); *without pairing*: "
+        "the two modalities' checks only. *Model score + library check*: a scan is stopped "
         "when either stops it (margins model / library). False quarantine: good test scans "
         "(never seen) stopped; caught: defective test scans stopped. Means over categories "
         "and few-shot seeds. "
@@ -393,8 +367,6 @@ def summarise(rows: list[dict], shots: int) -> str:
                     name += " **(in force)**"
                 elif (rule, m) == (BEFORE[0], label(BEFORE[1])):
                     name += " (the gate before the library check)"
-                elif (rule, m) == (BEFORE_SPREAD[0], label(BEFORE_SPREAD[1])):
-                    name += " (the gate before the spread)"
                 elif (rule, m) == (BEFORE_PAIRING[0], label(BEFORE_PAIRING[1])):
                     name += " (the gate before the pairing check)"
             lines.append(f"| {name} | {fq:.3f} | {caught:.3f} | {per} |")

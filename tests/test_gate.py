@@ -223,25 +223,6 @@ def test_a_hand_edited_gate_cannot_pass_every_scan(fitted):
         model_from_parts(meta, without)
     refused("non-finite", tensors={"gate.rgb": torch.full_like(bank, float("nan"))})
     refused("standard deviation", tensors={"gate.rgb_stats": stats * torch.tensor([[1.0], [0.0]])})
-    # the spreads: one number in [0, 2] per bank row for each check, present exactly when
-    # model.json says the novelty is measured beyond them
-    spread = fitted.tensors()["gate.pairing_spread"]
-    refused("not one this code knows", novelty="sharper")
-    for bad in (spread[:-1], spread - 5, torch.full_like(spread, float("nan")), spread.long()):
-        refused("one finite number in", tensors={"gate.pairing_spread": bad})
-    no_spread = {k: v for k, v in fitted.tensors().items() if k != "gate.rgb_spread"}
-    with pytest.raises(ValueError, match="without its tensor 'gate.rgb_spread'"):
-        model_from_parts(meta, no_spread)
-    stray = {**meta, "library_gate": {k: v for k, v in gate_meta.items() if k != "novelty"}}
-    with pytest.raises(ValueError, match="without library_gate novelty"):
-        model_from_parts(stray, fitted.tensors())
-    two = {
-        **gate_meta,
-        "limits": {k: v for k, v in gate_meta["limits"].items() if k != "pairing"},
-        "loo_peaks": {k: v for k, v in gate_meta["loo_peaks"].items() if k != "pairing"},
-    }
-    with pytest.raises(ValueError, match="needs all of"):
-        model_from_parts({**meta, "library_gate": two}, fitted.tensors())
 
 
 def test_a_check_that_is_not_a_number_fails_and_says_so():
@@ -330,94 +311,10 @@ def test_a_model_saved_before_the_pairing_check_keeps_its_two_checks(fitted, dom
     meta = json.loads(json.dumps(model_metadata(fitted)))
     for key in ("limits", "loo_peaks"):
         del meta["library_gate"][key][PAIRING]
-    del meta["library_gate"]["novelty"]  # the spread came later still
-    tensors = {k: v for k, v in fitted.tensors().items() if not k.endswith("_spread")}
-    older = model_from_parts(meta, tensors)
-    assert older.library_gate.checks == MODALITIES and older.library_gate.spreads is None
-    assert "(no pairing check or spread: refit to add them)" in gate_summary(older)
+    older = model_from_parts(meta, fitted.tensors())
+    assert older.library_gate.checks == MODALITIES
+    assert "refit to add it" in gate_summary(older)
     decision = gate_decision(older, 0.0, dome["ribbed"])
     assert "RGB-3D pairing novelty" not in decision.checks
     assert {"RGB novelty", "3D novelty"} <= set(decision.failed())
     assert "RGB-3D pairing novelty <= " in gate_summary(fitted)
-
-
-def test_a_model_saved_before_the_spread_scores_the_plain_distance(fitted, dome):
-    """A gate saved without spreads (before they existed) loads, and its novelty stays the
-    plain distance its limits were calibrated on; the summary says a refit adds the spread."""
-    import json
-
-    from cfr_core.engine.gate import CHECKS, SPREAD, gate_summary
-    from cfr_core.io.artifacts import model_from_parts, model_metadata
-
-    plain = build_library_gate(dome["library"], margin=0.15, spread=False)
-    spread = build_library_gate(dome["library"], margin=0.15)
-    assert plain.spreads is None and set(spread.spreads) == set(CHECKS)
-    assert plain.checks == spread.checks == CHECKS
-    older = replace(fitted, library_gate=plain)
-    meta = json.loads(json.dumps(model_metadata(older)))
-    assert "novelty" not in meta["library_gate"]
-    assert model_metadata(fitted)["library_gate"]["novelty"] == SPREAD
-    back = model_from_parts(meta, older.tensors()).library_gate
-    assert back.spreads is None and back.limits == plain.limits
-    expected = novelty_peaks(plain, dome["test"])
-    for a, b in zip(novelty_peaks(back, dome["test"]), expected, strict=True):
-        assert a == pytest.approx(b)
-    assert "(no spread: refit to add it)" in gate_summary(older)
-    assert "refit" not in gate_summary(fitted)
-
-
-def test_each_bank_pixel_spread_is_its_distance_to_the_other_library_scans(dome):
-    """The spread of a bank row is 1 − its best cosine to the rows of the *other* library
-    scans; a library scan against the whole bank finds itself, so its novelty is 0."""
-    import torch.nn.functional as F
-
-    from cfr_core.engine.gate import CHECKS, PAIRING
-
-    lib = dome["library"]
-    gate = build_library_gate(lib, margin=0.1)
-    rows = gate.banks["rgb"].shape[0]
-    assert all(tuple(gate.spreads[c].shape) == (rows,) for c in CHECKS)
-    owner = torch.cat(
-        [
-            torch.full((int(lib.foreground[i, ::GATE_STRIDE, ::GATE_STRIDE].sum()),), i)
-            for i in range(len(lib))
-        ]
-    )
-    unit = {m: F.normalize(gate.banks[m].float(), dim=1) for m in MODALITIES}
-    for j in (0, rows // 2, rows - 1):  # a row of the first, a middle and the last scan
-        other = owner != owner[j]
-        cos = {m: unit[m][other] @ unit[m][j] for m in MODALITIES}
-        expected = {
-            "rgb": 1 - cos["rgb"].max(),
-            "points": 1 - cos["points"].max(),
-            PAIRING: 1 - ((cos["rgb"] + cos["points"]) / 2).max(),
-        }
-        for c in CHECKS:  # banks are stored as float16: compare to its precision
-            assert float(gate.spreads[c][j]) == pytest.approx(float(expected[c]), abs=2e-3)
-    assert all(p[c] == 0 for p in novelty_peaks(gate, lib) for c in CHECKS)
-
-
-def test_a_small_new_appearance_on_a_busy_print_is_stopped_beyond_its_spread(synth_root, cache):
-    """On speckled (chips printed at varying places) good parts differ a lot where the chips
-    are, so a single limit on the plain distance must allow that much everywhere: a 6×6
-    patch of new appearance passes it. Measured beyond each pixel's spread, the same patch
-    stands out wherever it lands on the part."""
-    ex = build_extractors(EXTRACTORS)
-    pre = FitConfig().preprocess
-    library = extract_features(library_samples(synth_root, "speckled"), ex, pre, cache)
-    test = index_category(synth_root, "speckled").split("test")
-    good = extract_features([s for s in test if s.label == 0][1:2], ex, pre, cache)
-    spread = build_library_gate(library, margin=0.1)
-    plain = build_library_gate(library, margin=0.1, spread=False)
-    for gate in (spread, plain):  # the good part itself passes both
-        assert novelty_peaks(gate, good)[0]["rgb"] < 0.5 * gate.limits["rgb"]
-    fg = good.foreground[0]
-    ys, xs = torch.nonzero(fg, as_tuple=True)
-    cy, cx = int(ys.float().median()), int(xs.float().median())
-    std = good.rgb[0][:, fg].std(dim=1)
-    shift = 4 * std * torch.randn(std.shape[0], generator=torch.Generator().manual_seed(0))
-    for y, x in ((cy, cx), (cy - 6, cx), (cy + 6, cx), (cy, cx - 6), (cy, cx + 6)):
-        patched = replace(good, rgb=good.rgb.clone())
-        patched.rgb[0][:, y - 3 : y + 3, x - 3 : x + 3] += shift[:, None, None]
-        assert novelty_peaks(plain, patched)[0]["rgb"] < plain.limits["rgb"], (y, x)
-        assert novelty_peaks(spread, patched)[0]["rgb"] > spread.limits["rgb"], (y, x)

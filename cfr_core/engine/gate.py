@@ -9,19 +9,12 @@ library** (the pool the shots are drawn from, plus validation scans).
 
 * Its bank: the raw RGB and 3D features of every ``GATE_STRIDE``-th foreground
   pixel of each library scan, standardised per channel on the library (unit rows).
-* A pixel's **distance** per modality: 1 − its largest cosine similarity to that
-  modality's bank; its **pairing distance**: the same with both modalities at once,
-  1 − the largest *mean* of the RGB and 3D cosines to one library pixel. Each modality
-  alone can look like some good pixel while the pair does not (paint where the part
-  has no stud): only this check, of the library's, compares the modalities.
-* Each bank pixel's **spread**: its own distance to the *other* library scans (how far
-  apart good parts are there: small on a plain surface, large on a printed pattern
-  whose marks move from part to part).
-* A scan's **novelty** per check: how much farther each pixel is from the library
-  than the bank pixel it matched is from the other good scans, max(0, distance −
-  that pixel's spread), box-blurred (``GATE_BLUR``); its peak. A stain on the plain
-  ground of a busy print stands out against the ground's small spread, where a
-  single limit for the whole part would have to allow the print's large one.
+* A scan's **novelty** per modality: 1 − the largest cosine similarity of each
+  sampled pixel to that modality's bank, box-blurred (``GATE_BLUR``); its peak.
+* Its **pairing novelty**: the same with both modalities at once, 1 − the largest
+  *mean* of the RGB and 3D cosines to one library pixel. Each modality alone can
+  look like some good pixel while the pair does not (paint where the part has no
+  stud): only this check, of the library's, compares the modalities.
 * Its **limits**: each library scan's peak against the bank of the *other*
   library scans (leave-one-out: a good scan the bank has not seen), the highest
   of them × (1 + ``ScoringConfig.library_gate_margin``), one margin for all three.
@@ -29,11 +22,10 @@ library** (the pool the shots are drawn from, plus validation scans).
 A scan enters the library only when its model score is within the model's gate
 threshold, the three novelty peaks are within their limits *and* it has at least half
 the foreground of the smallest library scan (:func:`gate_decision`).
-Stride, blur, the checks, the spread and both margins were chosen on the development
+Stride, blur, the checks and both margins were chosen on the development
 categories (bench/gate.py, bench/results/gate.md). Needs at least two library
-scans (leave-one-out); with fewer the gate uses the model's score alone. Older models
-keep the check they were calibrated with: one saved before the spread existed scores
-the plain distance, one saved before the pairing check its RGB and 3D checks only.
+scans (leave-one-out); with fewer the gate uses the model's score alone. A model
+saved before the pairing check existed keeps its RGB and 3D checks.
 """
 
 from __future__ import annotations
@@ -67,9 +59,6 @@ PAIRING = "pairing"
 CHECKS = (*MODALITIES, PAIRING)
 LABELS = {"rgb": "RGB novelty", "points": "3D novelty", PAIRING: "RGB-3D pairing novelty"}
 FOREGROUND_CHECK = "foreground missing"
-#: model.json's name of the novelty a gate scores: the distance beyond the matched bank
-#: pixel's spread (a gate without it, saved before the spread existed, scores the distance)
-SPREAD = "beyond spread"
 
 
 class NoLibraryCheck(CFRError, ValueError):
@@ -87,9 +76,6 @@ class LibraryGate:
     scans: list[str]  # keys of the library scans
     margin: float
     min_foreground: int  # sampled foreground pixels of the library's smallest scan
-    # check -> each bank row's spread (its distance to the other library scans), float16;
-    # None in a model saved before the spread existed (its novelty is the plain distance)
-    spreads: dict[str, torch.Tensor] | None = None
 
     @property
     def checks(self) -> tuple[str, ...]:
@@ -100,13 +86,10 @@ class LibraryGate:
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"gate.{m}": self.banks[m] for m in MODALITIES}
         out.update({f"gate.{m}_stats": self.stats[m] for m in MODALITIES})
-        if self.spreads is not None:
-            out.update({f"gate.{c}_spread": self.spreads[c] for c in self.checks})
         return out
 
     def metadata(self) -> dict[str, Any]:
         return {
-            **({"novelty": SPREAD} if self.spreads is not None else {}),
             "limits": self.limits,
             "loo_peaks": self.loo_peaks,
             "scans": self.scans,
@@ -177,15 +160,6 @@ class LibraryGate:
                     f"library_gate limit of {m} ({limits[m]}) is not the highest of its "
                     f"{len(scans)} leave-one-out peaks × (1 + margin {margin})"
                 )
-        novelty = meta.get("novelty")
-        if novelty not in (None, SPREAD):
-            raise ValueError(f"library_gate novelty {novelty!r} is not one this code knows")
-        if novelty == SPREAD and names != set(CHECKS):
-            # the spread came after the pairing check: such a gate always holds all three
-            raise ValueError(
-                f"library_gate scores novelty {SPREAD!r} and so needs all of {list(CHECKS)}; "
-                f"got {sorted(map(str, names))}"
-            )
         banks, stats = {}, {}
         for m in MODALITIES:
             missing = [k for k in (f"gate.{m}", f"gate.{m}_stats") if k not in tensors]
@@ -213,29 +187,7 @@ class LibraryGate:
                 f"gate.rgb has {banks['rgb'].shape[0]} rows and gate.points "
                 f"{banks['points'].shape[0]}: each row is one library pixel of both modalities"
             )
-        spreads = None
-        stray = sorted(k for k in tensors if k.startswith("gate.") and k.endswith("_spread"))
-        if novelty == SPREAD:
-            spreads = {}
-            for c in CHECKS:
-                key = f"gate.{c}_spread"
-                if key not in tensors:
-                    raise ValueError(f"library_gate without its tensor {key!r}")
-                spread = tensors[key]
-                if (
-                    not spread.is_floating_point()
-                    or tuple(spread.shape) != (banks["rgb"].shape[0],)
-                    or not bool(torch.isfinite(spread).all())
-                    or not bool(((spread >= 0) & (spread <= 2)).all())
-                ):
-                    raise ValueError(
-                        f"{key} must hold one finite number in [0, 2] per bank row "
-                        f"({banks['rgb'].shape[0]}), got {tuple(spread.shape)} {spread.dtype}"
-                    )
-                spreads[c] = spread
-        elif stray:
-            raise ValueError(f"{stray} without library_gate novelty {SPREAD!r} in model.json")
-        return cls(banks, stats, limits, loo, [str(s) for s in scans], margin, smallest, spreads)
+        return cls(banks, stats, limits, loo, [str(s) for s in scans], margin, smallest)
 
 
 def novelty_limit(loo_peaks: list[float], margin: float) -> float:
@@ -265,24 +217,16 @@ def _unit_rows(rows: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]):
     return {m: F.normalize(_standardise(rows[m], stats[m]), dim=1) for m in MODALITIES}
 
 
-def _distances(
+def _novelties(
     queries: dict[str, torch.Tensor], banks: dict[str, torch.Tensor]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per check, (1 − the best cosine of each query pixel to the bank, the bank row it
-    was found at): per modality, and for the pairing the best *mean* of both modalities'
-    cosines to one bank pixel (each modality weighs the same, whatever its width)."""
-    best = max_cosine_pair((queries["rgb"], queries["points"]), (banks["rgb"], banks["points"]))
-    return {
-        "rgb": (1.0 - best.first, best.first_row),
-        "points": (1.0 - best.second, best.second_row),
-        PAIRING: (1.0 - best.pair, best.pair_row),
-    }
-
-
-def _beyond(distance: torch.Tensor, rows: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
-    """How much farther each pixel is from the library than its matched bank row is from
-    the other good scans (0 when it is no farther)."""
-    return (distance - spread[rows].float()).clamp_min(0.0)
+) -> dict[str, torch.Tensor]:
+    """Per check, 1 − the best cosine of each query pixel to the bank: per modality, and
+    for the pairing the best *mean* of both modalities' cosines to one bank pixel (each
+    modality weighs the same, whatever its width)."""
+    rgb, points, pair = max_cosine_pair(
+        (queries["rgb"], queries["points"]), (banks["rgb"], banks["points"])
+    )
+    return {"rgb": 1.0 - rgb, "points": 1.0 - points, PAIRING: 1.0 - pair}
 
 
 def _blurred(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -297,13 +241,10 @@ def _peak(values: torch.Tensor, mask: torch.Tensor) -> float:
     return float(_blurred(values, mask).max())
 
 
-def build_library_gate(library: FeatureSet, margin: float, spread: bool = True) -> LibraryGate:
+def build_library_gate(library: FeatureSet, margin: float) -> LibraryGate:
     """The library check from the features of every good library scan (at least two
     different ones). A scan whose features equal an earlier one's (the same files under
-    two names) is counted once: its twin would give it a leave-one-out peak of 0.
-
-    ``spread=False`` builds the gate as it was before the spread existed (novelty = the
-    plain distance; bench/gate.py measures it for comparison)."""
+    two names) is counted once: its twin would give it a leave-one-out peak of 0."""
     n = len(library)
     fg = library.foreground
     for i in range(n):
@@ -345,20 +286,12 @@ def build_library_gate(library: FeatureSet, margin: float, spread: bool = True) 
     for i in range(len(library)):
         rows, mask = _sampled_rows(library, i)
         pieces.append((_unit_rows(rows, stats), mask))
-    banks = {m: torch.cat([p[0][m] for p in pieces]) for m in MODALITIES}
-    owner = torch.cat([torch.full((p[0]["rgb"].shape[0],), j) for j, p in enumerate(pieces)])
-    # every library scan against the bank of the others: its pixels' distances and matched
-    # rows (as rows of the whole bank); the distances, in bank order, are the spreads
-    found = []
-    for i, (rows, _) in enumerate(pieces):
-        others = (owner != i).nonzero()[:, 0]
-        near = _distances(rows, {m: banks[m][others] for m in MODALITIES})
-        found.append({c: (d, others[r]) for c, (d, r) in near.items()})
-    spreads = {c: torch.cat([f[c][0] for f in found]) for c in CHECKS} if spread else None
     loo: dict[str, list[float]] = {c: [] for c in CHECKS}
-    for (_, mask), near in zip(pieces, found, strict=True):
-        for c, (d, r) in near.items():
-            values = _beyond(d, r, spreads[c]) if spreads is not None else d
+    for i, (rows, mask) in enumerate(pieces):
+        others = {
+            m: torch.cat([p[0][m] for j, p in enumerate(pieces) if j != i]) for m in MODALITIES
+        }
+        for c, values in _novelties(rows, others).items():
             loo[c].append(round(_peak(values, mask), 6))
     limits = {c: novelty_limit(loo[c], margin) for c in CHECKS}
     if not all(v > 0 for v in limits.values()):
@@ -366,13 +299,9 @@ def build_library_gate(library: FeatureSet, margin: float, spread: bool = True) 
             "the library's good scans are too alike to calibrate on (every leave-one-out "
             "novelty is 0)"
         )
-    banks = {m: b.half().contiguous() for m, b in banks.items()}
-    if spreads is not None:
-        spreads = {c: v.half().contiguous() for c, v in spreads.items()}
+    banks = {m: torch.cat([p[0][m] for p in pieces]).half().contiguous() for m in MODALITIES}
     smallest = min(int(mask.sum()) for _, mask in pieces)
-    return LibraryGate(
-        banks, stats, limits, loo, list(library.keys), float(margin), smallest, spreads
-    )
+    return LibraryGate(banks, stats, limits, loo, list(library.keys), float(margin), smallest)
 
 
 def novelty_maps(gate: LibraryGate, features: FeatureSet, i: int = 0) -> dict[str, torch.Tensor]:
@@ -382,11 +311,9 @@ def novelty_maps(gate: LibraryGate, features: FeatureSet, i: int = 0) -> dict[st
     if not mask.any():  # nothing to compare: never passes
         return {c: torch.full(mask.shape, float("inf")) for c in gate.checks}
     out = {}
-    near = _distances(_unit_rows(rows, gate.stats), gate.banks)
+    values = _novelties(_unit_rows(rows, gate.stats), gate.banks)
     for m in gate.checks:
-        d, r = near[m]
-        values = _beyond(d, r, gate.spreads[m]) if gate.spreads is not None else d
-        coarse = _blurred(values, mask)
+        coarse = _blurred(values[m], mask)
         grid = coarse.repeat_interleave(GATE_STRIDE, 0).repeat_interleave(GATE_STRIDE, 1)
         out[m] = grid[: mask.shape[0], : mask.shape[1]]
     return out
@@ -488,13 +415,5 @@ def gate_summary(model) -> str:
     if gate is None:
         return "no library check (it needs 2 good library scans)"
     limits = ", ".join(f"{LABELS[c]} <= {gate.limits[c]:.4f}" for c in gate.checks)
-    lacks = [
-        n
-        for n, there in (
-            ("pairing check", PAIRING in gate.checks),
-            ("spread", gate.spreads is not None),
-        )
-        if not there
-    ]
-    older = f" (no {' or '.join(lacks)}: refit to add {'them' if len(lacks) > 1 else 'it'})"
-    return f"library check on {len(gate.scans)} good scans: {limits}{older if lacks else ''}"
+    older = "" if PAIRING in gate.checks else " (no pairing check: refit to add it)"
+    return f"library check on {len(gate.scans)} good scans: {limits}{older}"

@@ -8,18 +8,11 @@ from cfr_core.memory.bank import (
     joint_features,
 )
 from cfr_core.memory.coreset import greedy_coreset
-from cfr_core.memory.search import (
-    PairedBest,
-    max_cosine,
-    max_cosine_pair,
-    nearest_distance,
-    topk_cosine,
-)
+from cfr_core.memory.search import max_cosine, max_cosine_pair, nearest_distance, topk_cosine
 
 __all__ = [
     "Banks",
     "EmptyBankError",
-    "PairedBest",
     "build_banks",
     "build_joint_bank",
     "greedy_coreset",

@@ -10,7 +10,6 @@ bound and take the largest chunk the ``budget`` allows.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -130,28 +129,14 @@ def any_similar(
     return found
 
 
-class PairedBest(NamedTuple):
-    """What :func:`max_cosine_pair` finds for each query row: the highest cosine in the first
-    and the second feature set, the highest mean of both to one bank row, and the bank row
-    each of the three was found at."""
-
-    first: torch.Tensor
-    second: torch.Tensor
-    pair: torch.Tensor
-    first_row: torch.Tensor
-    second_row: torch.Tensor
-    pair_row: torch.Tensor
-
-
 def max_cosine_pair(
     queries: tuple[torch.Tensor, torch.Tensor],
     banks: tuple[torch.Tensor, torch.Tensor],
     budget: int = DEFAULT_BUDGET,
-) -> PairedBest:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For two feature sets of the same query pixels and of the same bank pixels (e.g. RGB
     and 3D): each query's highest cosine to any bank row in the first set, in the second,
-    and the highest *mean* of the two cosines to one bank row (how well the pair matches),
-    with the bank row of each.
+    and the highest *mean* of the two cosines to one bank row (how well the pair matches).
 
     One pass over the bank gives all three (the pair needs no third search). Rows need
     not be unit length; ``banks`` must have as many rows as each other."""
@@ -166,20 +151,13 @@ def max_cosine_pair(
     qa, qb = F.normalize(qa.float(), dim=1), F.normalize(qb.float(), dim=1)
     ba, bb = F.normalize(ba.float(), dim=1), F.normalize(bb.float(), dim=1)
     rows = _chunk_rows(max(qa.shape[1], qb.shape[1]), 2 * ba.shape[0], budget)  # two blocks
-    found: list[list[torch.Tensor]] = [[] for _ in range(6)]
+    best_a, best_b, best_pair = [], [], []
     for s in range(0, qa.shape[0], rows):
         sa, sb = qa[s : s + rows] @ ba.T, qb[s : s + rows] @ bb.T
-        best_a, best_b = sa.max(dim=1), sb.max(dim=1)
-        best_pair = sa.add_(sb).max(dim=1)
-        for out, x in zip(
-            found,
-            (best_a.values, best_b.values, best_pair.values * 0.5)
-            + (best_a.indices, best_b.indices, best_pair.indices),
-            strict=True,
-        ):
-            out.append(x)
-    if not found[0]:
+        best_a.append(sa.amax(dim=1))
+        best_b.append(sb.amax(dim=1))
+        best_pair.append(sa.add_(sb).amax(dim=1) * 0.5)
+    if not best_a:
         empty = torch.empty(0, device=qa.device)
-        none = torch.empty(0, dtype=torch.long, device=qa.device)
-        return PairedBest(empty, empty, empty, none, none, none)
-    return PairedBest(*(torch.cat(x) for x in found))
+        return empty, empty, empty
+    return torch.cat(best_a), torch.cat(best_b), torch.cat(best_pair)
