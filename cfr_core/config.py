@@ -183,6 +183,12 @@ class ScoringConfig:
     # gave 5.0 % / 93.4 %; the model score alone at 0.3: 5.0 % / 75.2 %)
     gate_margin: float = 0.5
     library_gate_margin: float = 0.05
+    # the library check keeps at most this many good scans, the most varied ones
+    # (cfr_core.engine.gate): its bank grows with the library and its leave-one-out build
+    # with the square of it (bench/results/gate_scale.md: checker 9 s at 12 scans, 54 s
+    # at 24, 233 s at 48; cut to 24 of 48: 96 s). A cost bound, not a tuned value: the
+    # benchmark's libraries hold 12 scans, so no measured rate depends on it.
+    library_gate_scans: int = 24
     # Map every stride-th pixel of the foreground and interpolate the map between
     # them: stride² times less mapping and bank search. 1 = every pixel (the paper).
     stride: int = 1
@@ -202,6 +208,15 @@ class ScoringConfig:
             raise ConfigError(f"theta_quantile must be in (0, 1], got {self.theta_quantile}")
         if min(self.threshold_margin, self.gate_margin, self.library_gate_margin) < 0:
             raise ConfigError("threshold and gate margins must be >= 0")
+        if (
+            isinstance(self.library_gate_scans, bool)
+            or not isinstance(self.library_gate_scans, int)
+            or self.library_gate_scans < 2
+        ):
+            raise ConfigError(
+                "library_gate_scans must be an integer >= 2 (the check needs two scans), "
+                f"got {self.library_gate_scans!r}"
+            )
         for kernel, repeats in self.blur or ():
             if kernel < 1 or kernel % 2 == 0 or repeats < 0:
                 raise ConfigError(f"blur kernels must be odd and positive, got {self.blur}")

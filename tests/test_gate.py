@@ -318,3 +318,51 @@ def test_a_model_saved_before_the_pairing_check_keeps_its_two_checks(fitted, dom
     assert "RGB-3D pairing novelty" not in decision.checks
     assert {"RGB novelty", "3D novelty"} <= set(decision.failed())
     assert "RGB-3D pairing novelty <= " in gate_summary(fitted)
+
+
+def test_a_large_library_keeps_its_most_varied_scans(fitted, dome):
+    """Above ``max_scans`` the check keeps the scans least like the others: near-copies of a
+    kept scan (its features with a trace of noise, so not exact twins) are left out, the
+    summary says how many were kept of how many, and that survives save and load."""
+    import json
+
+    from cfr_core.config import ScoringConfig
+    from cfr_core.engine.gate import gate_summary
+    from cfr_core.errors import ConfigError
+    from cfr_core.io.artifacts import model_from_parts, model_metadata
+
+    lib = dome["library"]
+    n = len(lib)
+    near = lib.select([0, 0, 0])
+    gen = torch.Generator().manual_seed(3)
+
+    def trace(x):  # noise at 1 % of each channel's spread, on the part only
+        scale = x.std(dim=(0, 2, 3), keepdim=True)
+        on_part = lib.foreground[:1, None].to(x.dtype)
+        return x + 0.01 * scale * on_part * torch.randn(x.shape, generator=gen)
+
+    near = replace(near, keys=["near/0", "near/1", "near/2"], rgb=trace(near.rgb))
+    near = replace(near, points=trace(near.points))
+    grown = replace(
+        lib.select(list(range(n)) + [0, 0, 0]),
+        keys=lib.keys + near.keys,
+        rgb=torch.cat([lib.rgb, near.rgb]),
+        points=torch.cat([lib.points, near.points]),
+    )
+    whole = build_library_gate(lib, margin=0.1)
+    cut = build_library_gate(grown, margin=0.1, max_scans=n)
+    assert cut.scans == lib.keys and cut.library_size == n + 3
+    assert cut.limits == pytest.approx(whole.limits)
+    assert build_library_gate(lib, margin=0.1, max_scans=n).limits == whole.limits
+    assert build_library_gate(lib, margin=0.1, max_scans=4).scans[0] == lib.keys[0]
+    assert len(build_library_gate(lib, margin=0.1, max_scans=4).scans) == 4
+    model = replace(fitted, library_gate=cut)
+    assert f"the {n} most varied of {n + 3} good scans" in gate_summary(model)
+    meta = json.loads(json.dumps(model_metadata(model)))
+    assert model_from_parts(meta, model.tensors()).library_gate.library_size == n + 3
+    meta["library_gate"]["library_size"] = n - 1
+    with pytest.raises(ValueError, match="library_size must be an integer >="):
+        model_from_parts(meta, model.tensors())
+    for bad in (1, True, 2.5):
+        with pytest.raises(ConfigError, match="library_gate_scans"):
+            ScoringConfig(library_gate_scans=bad)

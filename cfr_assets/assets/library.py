@@ -45,8 +45,9 @@ def gate_scan(gate, scan: LandingScan):
 
 Each new pair is validated, then passes the deployed model's **quality gate**:
 its score against the model's gate threshold and, when the model holds a library
-check, its foreground and its novelty against every good library scan: RGB, 3D
-and their pairing (each modality can look good while the pair does not).
+check, its foreground and its novelty against the good library scans (up to the
+24 most varied): RGB, 3D and their pairing (each modality can look good while the
+pair does not).
 A scan that fails any check goes to the quarantine with the failed checks and a
 heatmap (a person releases it with `cfr shots release`); the others are copied
 into the content-addressed library. Bad files are reported, never silently skipped. The

@@ -282,7 +282,10 @@ def attach_library_gate(model: FittedModel, library: FeatureSet) -> str:
         )
     t0 = time.perf_counter()
     try:
-        model.library_gate = build_library_gate(library, model.config.scoring.library_gate_margin)
+        scoring = model.config.scoring
+        model.library_gate = build_library_gate(
+            library, scoring.library_gate_margin, scoring.library_gate_scans
+        )
     except NoLibraryCheck as exc:
         model.library_gate = None
         return f"library check off: {exc} (the gate uses the model's score alone)"

@@ -18,6 +18,10 @@ library** (the pool the shots are drawn from, plus validation scans).
 * Its **limits**: each library scan's peak against the bank of the *other*
   library scans (leave-one-out: a good scan the bank has not seen), the highest
   of them × (1 + ``ScoringConfig.library_gate_margin``), one margin for all three.
+* A library larger than ``ScoringConfig.library_gate_scans`` is cut to that many
+  scans, the **most varied** ones (:func:`most_varied`): each next scan is the one
+  least like those already kept. The bank grows with the library and the
+  leave-one-out build with its square; a scan like the kept ones adds little.
 
 A scan enters the library only when its model score is within the model's gate
 threshold, the three novelty peaks are within their limits *and* it has at least half
@@ -73,9 +77,13 @@ class LibraryGate:
     stats: dict[str, torch.Tensor]  # modality -> 2×C (mean, std)
     limits: dict[str, float]  # check (CHECKS) -> novelty peak limit
     loo_peaks: dict[str, list[float]]  # check -> leave-one-out peak of each library scan
-    scans: list[str]  # keys of the library scans
+    scans: list[str]  # keys of the library scans the check holds
     margin: float
     min_foreground: int  # sampled foreground pixels of the library's smallest scan
+    library_size: int = 0  # different good scans offered (more than ``scans`` when cut)
+
+    def __post_init__(self) -> None:
+        self.library_size = max(self.library_size, len(self.scans))
 
     @property
     def checks(self) -> tuple[str, ...]:
@@ -95,6 +103,7 @@ class LibraryGate:
             "scans": self.scans,
             "margin": self.margin,
             "min_foreground": self.min_foreground,
+            "library_size": self.library_size,
             "stride": GATE_STRIDE,
             "blur": [list(b) for b in GATE_BLUR],
         }
@@ -133,6 +142,12 @@ class LibraryGate:
         if isinstance(smallest, bool) or not isinstance(smallest, int) or smallest < 1:
             raise ValueError(
                 f"library_gate min_foreground must be a positive integer, got {smallest!r}"
+            )
+        size = meta.get("library_size", len(scans))  # older models: every scan was kept
+        if isinstance(size, bool) or not isinstance(size, int) or size < len(scans):
+            raise ValueError(
+                f"library_gate library_size must be an integer >= its {len(scans)} scans, "
+                f"got {size!r}"
             )
         limits, loo = {}, {}
         if not isinstance(meta.get("limits"), dict) or not isinstance(meta.get("loo_peaks"), dict):
@@ -187,7 +202,7 @@ class LibraryGate:
                 f"gate.rgb has {banks['rgb'].shape[0]} rows and gate.points "
                 f"{banks['points'].shape[0]}: each row is one library pixel of both modalities"
             )
-        return cls(banks, stats, limits, loo, [str(s) for s in scans], margin, smallest)
+        return cls(banks, stats, limits, loo, [str(s) for s in scans], margin, smallest, size)
 
 
 def novelty_limit(loo_peaks: list[float], margin: float) -> float:
@@ -241,10 +256,55 @@ def _peak(values: torch.Tensor, mask: torch.Tensor) -> float:
     return float(_blurred(values, mask).max())
 
 
-def build_library_gate(library: FeatureSet, margin: float) -> LibraryGate:
+def _library_rows(library: FeatureSet):
+    """Per-channel (mean, std) of the library's foreground features per modality, and each
+    scan's (standardised unit rows, sampled pixel mask)."""
+    fg = library.foreground
+    stats = {}
+    for m, fmap in (("rgb", library.rgb), ("points", library.points)):
+        rows = fmap.permute(0, 2, 3, 1)[fg].float()
+        stats[m] = torch.stack([rows.mean(0), rows.std(0).clamp_min(1e-3)])
+    pieces = []
+    for i in range(len(library)):
+        rows, mask = _sampled_rows(library, i)
+        pieces.append((_unit_rows(rows, stats), mask))
+    return stats, pieces
+
+
+def most_varied(pieces: list, keep: int) -> list[int]:
+    """Indices (ascending) of ``keep`` of the sampled library scans ``pieces`` ((unit rows,
+    mask) each), chosen farthest-first: the first scan, then each time the scan whose
+    pairing novelty peak against the scans kept so far is the highest (the one least like
+    them, in the check's own measure). Each scan's best match to the kept scans is
+    updated with the newest only, so the choice costs one search per scan and step."""
+    n = len(pieces)
+    if keep >= n:
+        return list(range(n))
+    kept, best = [0], [None] * n  # best: per pixel, the highest pairing similarity so far
+    peaks = torch.full((n,), -math.inf)
+    while len(kept) < keep:
+        newest = pieces[kept[-1]][0]
+        for j in range(n):
+            if j in kept:
+                continue
+            rows, mask = pieces[j]
+            _, _, found = max_cosine_pair(
+                (rows["rgb"], rows["points"]), (newest["rgb"], newest["points"])
+            )
+            best[j] = found if best[j] is None else torch.maximum(best[j], found)
+            peaks[j] = _peak(1.0 - best[j], mask)
+        peaks[kept] = -math.inf
+        kept.append(int(peaks.argmax()))
+    return sorted(kept)
+
+
+def build_library_gate(
+    library: FeatureSet, margin: float, max_scans: int | None = None
+) -> LibraryGate:
     """The library check from the features of every good library scan (at least two
-    different ones). A scan whose features equal an earlier one's (the same files under
-    two names) is counted once: its twin would give it a leave-one-out peak of 0."""
+    different ones), cut to the ``max_scans`` most varied (:func:`most_varied`) when there
+    are more. A scan whose features equal an earlier one's (the same files under two names)
+    is counted once: its twin would give it a leave-one-out peak of 0."""
     n = len(library)
     fg = library.foreground
     for i in range(n):
@@ -252,7 +312,8 @@ def build_library_gate(library: FeatureSet, margin: float) -> LibraryGate:
             raise DataError(
                 f"library scan {library.keys[i]} has no foreground pixel (an empty point cloud)",
                 None,
-                "remove it from the shot library (`cfr shots list`)",
+                "remove that scan (from the shot library: shots/library/CATEGORY/ID in the "
+                "pipeline's store; or from the dataset) and refit",
             )
         if not (
             bool(torch.isfinite(library.rgb[i]).all())
@@ -276,16 +337,15 @@ def build_library_gate(library: FeatureSet, margin: float) -> LibraryGate:
             f"the library check needs at least 2 different good scans, got {len(keep)} "
             f"(of {n} library scans)"
         )
+    if max_scans is not None and max_scans < 2:
+        raise ValueError(f"max_scans must be >= 2, got {max_scans}")
     library = library.select(keep) if len(keep) < n else library
-    fg = library.foreground
-    stats = {}
-    for m, fmap in (("rgb", library.rgb), ("points", library.points)):
-        rows = fmap.permute(0, 2, 3, 1)[fg].float()
-        stats[m] = torch.stack([rows.mean(0), rows.std(0).clamp_min(1e-3)])
-    pieces = []
-    for i in range(len(library)):
-        rows, mask = _sampled_rows(library, i)
-        pieces.append((_unit_rows(rows, stats), mask))
+    size = len(library)
+    stats, pieces = _library_rows(library)
+    if max_scans is not None and size > max_scans:
+        # the check is then exactly the check of the kept scans (standardised on them)
+        library = library.select(most_varied(pieces, max_scans))
+        stats, pieces = _library_rows(library)
     loo: dict[str, list[float]] = {c: [] for c in CHECKS}
     for i, (rows, mask) in enumerate(pieces):
         others = {
@@ -301,7 +361,7 @@ def build_library_gate(library: FeatureSet, margin: float) -> LibraryGate:
         )
     banks = {m: torch.cat([p[0][m] for p in pieces]).half().contiguous() for m in MODALITIES}
     smallest = min(int(mask.sum()) for _, mask in pieces)
-    return LibraryGate(banks, stats, limits, loo, list(library.keys), float(margin), smallest)
+    return LibraryGate(banks, stats, limits, loo, list(library.keys), float(margin), smallest, size)
 
 
 def novelty_maps(gate: LibraryGate, features: FeatureSet, i: int = 0) -> dict[str, torch.Tensor]:
@@ -416,4 +476,7 @@ def gate_summary(model) -> str:
         return "no library check (it needs 2 good library scans)"
     limits = ", ".join(f"{LABELS[c]} <= {gate.limits[c]:.4f}" for c in gate.checks)
     older = "" if PAIRING in gate.checks else " (no pairing check: refit to add it)"
-    return f"library check on {len(gate.scans)} good scans: {limits}{older}"
+    held = f"{len(gate.scans)} good scans"
+    if gate.library_size > len(gate.scans):
+        held = f"the {len(gate.scans)} most varied of {gate.library_size} good scans"
+    return f"library check on {held}: {limits}{older}"
