@@ -176,7 +176,7 @@ class ScoringConfig:
     threshold_margin: float = 0.05  # decision threshold = max validation score * (1 + margin)
     # quality gate for new good scans (cfr_core.engine.gate): the model's score must stay
     # within max score of the good scans it did not fit on * (1 + gate_margin), and the
-    # novelty against every good library scan (RGB, 3D and their pairing) within its
+    # novelty against the good library scans (RGB, 3D and their pairing) within its
     # leave-one-out maximum * (1 + library_gate_margin). Chosen together on the development
     # categories, 3 seeds (bench/results/gate.md: the most defects caught with <= 5 % of
     # good scans held: 5.0 % held, 93.5 % caught; without the pairing check 0.4 / 0.05

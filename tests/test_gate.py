@@ -366,3 +366,38 @@ def test_a_large_library_keeps_its_most_varied_scans(fitted, dome):
     for bad in (1, True, 2.5):
         with pytest.raises(ConfigError, match="library_gate_scans"):
             ScoringConfig(library_gate_scans=bad)
+
+
+def test_a_library_scan_the_check_cannot_sample_is_named_and_small_scans_set_the_floor(dome):
+    """A library scan whose few foreground pixels all fall between the check's sampled rows
+    is refused by name (not an empty search deep in torch, cut or not); the foreground
+    floor is the library's smallest scan even when the cut leaves it out."""
+    lib = dome["library"]
+    n = len(lib)
+    odd = replace(lib, points=lib.points.clone())
+    ys, xs = torch.nonzero(lib.foreground[0], as_tuple=True)
+    y, x = [int(v) | 1 for v in (ys.float().median(), xs.float().median())]  # odd row, column
+    keep = odd.points[0][:, y, x].clone()
+    odd.points[0].zero_()
+    odd.points[0][:, y, x] = keep
+    for cap in (None, 2):
+        with pytest.raises(DataError, match=f"{lib.keys[0]} has no foreground pixel where"):
+            build_library_gate(odd, margin=0.1, max_scans=cap)
+    # a small but sampled scan: the cut drops it, the floor stays its size
+    small = replace(lib, points=lib.points.clone())
+    fg = lib.foreground[n - 1]
+    ys, xs = torch.nonzero(fg, as_tuple=True)
+    box = torch.zeros_like(fg)
+    box[ys.min() : ys.min() + 6, :] = True
+    small.points[n - 1][:, ~box] = 0
+    whole = build_library_gate(small, margin=0.1)
+    cut = build_library_gate(small, margin=0.1, max_scans=2)
+    assert lib.keys[n - 1] not in cut.scans
+    assert (
+        cut.min_foreground
+        == whole.min_foreground
+        < 0.5 * build_library_gate(lib, margin=0.1).min_foreground
+    )
+    for bad in (1, 3.5, "4", True):
+        with pytest.raises(ValueError, match="max_scans must be an integer >= 2"):
+            build_library_gate(lib, margin=0.1, max_scans=bad)

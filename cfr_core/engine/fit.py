@@ -272,8 +272,9 @@ def calibrate(
 
 
 def attach_library_gate(model: FittedModel, library: FeatureSet) -> str:
-    """Give ``model`` the gate's library check (:mod:`cfr_core.engine.gate`) built on every
-    good ``library`` scan; a sentence for the log says what was built, or why not."""
+    """Give ``model`` the gate's library check (:mod:`cfr_core.engine.gate`) built on the
+    good ``library`` scans (the ``library_gate_scans`` most varied when there are more); a
+    sentence for the log says what was built, or why not."""
     if len(library) < 2:
         model.library_gate = None
         return (

@@ -4,8 +4,9 @@ The deployed model compares a scan with the 1–4 shots it was fitted on, and fo
 shots rarely show every finish and pose a category's good parts take: good scans
 unlike the shots score high, so a gate on the model's score alone must either
 quarantine good parts or let weak defects through (bench/results/gate.md). The
-library check adds what the shop floor already has: **every good scan of the
-library** (the pool the shots are drawn from, plus validation scans).
+library check adds what the shop floor already has: **the good scans of the
+library** (the pool the shots are drawn from, plus validation scans; up to
+``ScoringConfig.library_gate_scans`` of them, see below).
 
 * Its bank: the raw RGB and 3D features of every ``GATE_STRIDE``-th foreground
   pixel of each library scan, standardised per channel on the library (unit rows).
@@ -20,8 +21,11 @@ library** (the pool the shots are drawn from, plus validation scans).
   of them × (1 + ``ScoringConfig.library_gate_margin``), one margin for all three.
 * A library larger than ``ScoringConfig.library_gate_scans`` is cut to that many
   scans, the **most varied** ones (:func:`most_varied`): each next scan is the one
-  least like those already kept. The bank grows with the library and the
-  leave-one-out build with its square; a scan like the kept ones adds little.
+  least like those already kept. Without the cut the bank and each landing check
+  grow with the library and the leave-one-out build with its square; with it they
+  stop growing, and only the choice (one search per scan and step) grows, linearly.
+  The kept scans are the most unlike each other, so past the cap the limits stop
+  tightening as the library grows (bench/results/gate_scale.md).
 
 A scan enters the library only when its model score is within the model's gate
 threshold, the three novelty peaks are within their limits *and* it has at least half
@@ -278,6 +282,8 @@ def most_varied(pieces: list, keep: int) -> list[int]:
     them, in the check's own measure). Each scan's best match to the kept scans is
     updated with the newest only, so the choice costs one search per scan and step."""
     n = len(pieces)
+    if keep < 1:
+        raise ValueError(f"most_varied needs keep >= 1, got {keep}")
     if keep >= n:
         return list(range(n))
     kept, best = [0], [None] * n  # best: per pixel, the highest pairing similarity so far
@@ -305,12 +311,17 @@ def build_library_gate(
     different ones), cut to the ``max_scans`` most varied (:func:`most_varied`) when there
     are more. A scan whose features equal an earlier one's (the same files under two names)
     is counted once: its twin would give it a leave-one-out peak of 0."""
+    if max_scans is not None and (
+        isinstance(max_scans, bool) or not isinstance(max_scans, int) or max_scans < 2
+    ):
+        raise ValueError(f"max_scans must be an integer >= 2, got {max_scans!r}")
     n = len(library)
-    fg = library.foreground
     for i in range(n):
-        if not fg[i].any():
+        if not _sampled_rows(library, i)[1].any():  # the check reads every GATE_STRIDE-th
             raise DataError(
-                f"library scan {library.keys[i]} has no foreground pixel (an empty point cloud)",
+                f"library scan {library.keys[i]} has no foreground pixel where the check "
+                f"samples (every {GATE_STRIDE}-th row and column of the feature map): an empty "
+                "or nearly empty point cloud",
                 None,
                 "remove that scan (from the shot library: shots/library/CATEGORY/ID in the "
                 "pipeline's store; or from the dataset) and refit",
@@ -337,11 +348,12 @@ def build_library_gate(
             f"the library check needs at least 2 different good scans, got {len(keep)} "
             f"(of {n} library scans)"
         )
-    if max_scans is not None and max_scans < 2:
-        raise ValueError(f"max_scans must be >= 2, got {max_scans}")
     library = library.select(keep) if len(keep) < n else library
     size = len(library)
     stats, pieces = _library_rows(library)
+    # the foreground check compares with the library's smallest scan, kept or not (the
+    # cut prefers large scans: a small one blurs its novelty with more background)
+    smallest = min(int(mask.sum()) for _, mask in pieces)
     if max_scans is not None and size > max_scans:
         # the check is then exactly the check of the kept scans (standardised on them)
         library = library.select(most_varied(pieces, max_scans))
@@ -360,7 +372,6 @@ def build_library_gate(
             "novelty is 0)"
         )
     banks = {m: torch.cat([p[0][m] for p in pieces]).half().contiguous() for m in MODALITIES}
-    smallest = min(int(mask.sum()) for _, mask in pieces)
     return LibraryGate(banks, stats, limits, loo, list(library.keys), float(margin), smallest, size)
 
 

@@ -45,7 +45,7 @@ class FittedModel:
     threshold: float | None = None
     threshold_source: str = ""
     gate_threshold: float | None = None  # the quality gate's (more tolerant) threshold
-    library_gate: LibraryGate | None = None  # the gate's check against every good library scan
+    library_gate: LibraryGate | None = None  # the gate's check against the good library scans
     theta: float | None = None  # replacement threshold in force (fixed or calibrated)
     theta_source: str = ""
     shots: list[ShotRecord] = field(default_factory=list)
