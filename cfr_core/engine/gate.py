@@ -214,12 +214,18 @@ def novelty_limit(loo_peaks: list[float], margin: float) -> float:
     return max(loo_peaks) * (1.0 + margin)
 
 
-def _sampled_rows(features: FeatureSet, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Raw features of sample ``i`` at its strided foreground pixels, and that pixel mask."""
+def _sampled_mask(features: FeatureSet, i: int) -> torch.Tensor:
+    """The pixels of sample ``i`` the check reads: its foreground on every GATE_STRIDE-th
+    row and column."""
     fg = features.foreground[i]
     grid = torch.zeros_like(fg)
     grid[::GATE_STRIDE, ::GATE_STRIDE] = True
-    mask = fg & grid
+    return fg & grid
+
+
+def _sampled_rows(features: FeatureSet, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Raw features of sample ``i`` at its strided foreground pixels, and that pixel mask."""
+    mask = _sampled_mask(features, i)
     rows = {
         "rgb": features.rgb[i][:, mask].T.float(),
         "points": features.points[i][:, mask].T.float(),
@@ -317,7 +323,7 @@ def build_library_gate(
         raise ValueError(f"max_scans must be an integer >= 2, got {max_scans!r}")
     n = len(library)
     for i in range(n):
-        if not _sampled_rows(library, i)[1].any():  # the check reads every GATE_STRIDE-th
+        if not _sampled_mask(library, i).any():
             raise DataError(
                 f"library scan {library.keys[i]} has no foreground pixel where the check "
                 f"samples (every {GATE_STRIDE}-th row and column of the feature map): an empty "
@@ -393,8 +399,7 @@ def novelty_maps(gate: LibraryGate, features: FeatureSet, i: int = 0) -> dict[st
 def foreground_missing(gate: LibraryGate, features: FeatureSet, i: int = 0) -> float:
     """The share of the library's smallest foreground (sampled pixels) that sample ``i``
     lacks: 0 when it has as many or more, 1 when it has none."""
-    _, mask = _sampled_rows(features, i)
-    return max(0.0, 1.0 - int(mask.sum()) / gate.min_foreground)
+    return max(0.0, 1.0 - int(_sampled_mask(features, i).sum()) / gate.min_foreground)
 
 
 def novelty_peaks(gate: LibraryGate, features: FeatureSet) -> list[dict[str, float]]:
