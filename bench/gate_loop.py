@@ -19,7 +19,10 @@ policies:
   library check is rebuilt on the library (:func:`~cfr_core.engine.gate.build_library_gate`,
   at most ``library_gate_scans`` of the most varied scans);
 * **loop + review**: as *loop*, and a person releases the good scans the gate held
-  (`cfr shots release`) before the rebuild; defective scans stay in the quarantine.
+  (`cfr shots release`) before the rebuild; defective scans stay in the quarantine;
+* **reviewed only**: a person releases the good scans the gate held, as in *loop +
+  review*, but only they (and the original library) rebuild the gate: the scans the gate
+  itself accepted join the shot pool and not the gate's calibration.
 
 The model itself is not refitted (the pipeline also redraws its shots from the grown
 pool): its test scores come from ``bench/results/dev/scores.jsonl`` (bench/gate.py), so
@@ -67,7 +70,7 @@ from cfr_core.scoring.maps import gate_threshold  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 SCORES = OUT / "dev" / "scores.jsonl"
-POLICIES = ("fixed", "loop", "loop + review")
+POLICIES = ("fixed", "loop", "loop + review", "reviewed only")
 MODEL = "model score"
 SCORING = ScoringConfig()
 
@@ -125,8 +128,14 @@ def run(policy, library, test, record, order, batch) -> tuple[list[dict], list[d
                     "ratio": round(decision.ratio, 4),
                 }
             )
-            joins = decision.passed or (policy == "loop + review" and good)
-            if policy != "fixed" and joins:
+            released = good and not decision.passed  # a person looked and released it
+            joins = {
+                "fixed": False,
+                "loop": decision.passed,
+                "loop + review": decision.passed or released,
+                "reviewed only": released,
+            }[policy]
+            if joins:
                 joined_idx.append(i)
                 changed = True
         if changed and start + batch < len(order):
@@ -186,7 +195,8 @@ def report(results: list[dict], batch: int) -> str:
         "Produced by `bench/gate_loop.py`. Each development category's test scans land in a "
         f"seeded random order, {batch} per tick; the gate judges each and, under *loop*, "
         "is rebuilt after each tick on the library with the scans it accepted (*loop + "
-        "review*: and the good scans it held, released by a person). The model is not "
+        "review*: and the good scans it held, released by a person; *reviewed only*: with "
+        "the released scans only). The model is not "
         "refitted; its scores are those of bench/gate.py's fits. Held: good scans stopped; "
         "caught: defective scans stopped; slipped in: defective scans that joined the "
         "library.",
