@@ -243,6 +243,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[42])
     ap.add_argument("--batch", type=int, default=6, help="scans per sensor tick (default 6)")
     args = ap.parse_args()
+    if args.batch < 1:
+        ap.error(f"--batch must be at least 1 scan per tick, got {args.batch}")
     logging.basicConfig(level=logging.WARNING)
     if not SCORES.exists():
         sys.exit(f"{SCORES} is missing: run bench/gate.py collect (see bench/gate.py)")
