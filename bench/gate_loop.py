@@ -10,7 +10,7 @@ categories with the real gate code and measures both.
 For each category and few-shot seed, the category's test scans (good and defective)
 land in a seeded random order, ``--batch`` at a time (one sensor tick each). Every scan
 of a tick is judged by the gate in force (:func:`cfr_core.engine.gate.gate_decision`);
-after the tick the gate is rebuilt the way the pipeline's evaluation rebuilds it. Three
+after the tick the gate is rebuilt the way the pipeline's evaluation rebuilds it. Four
 policies:
 
 * **fixed**: the first gate judges every scan (what bench/gate.py measures);
@@ -47,7 +47,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -63,7 +62,7 @@ from cfr_core.config import (  # noqa: E402
     ScoringConfig,
 )
 from cfr_core.data.synth import DEV_CATEGORIES  # noqa: E402
-from cfr_core.engine import FeatureCache, FeatureSet, build_extractors, extract_features  # noqa: E402
+from cfr_core.engine import FeatureCache, build_extractors, extract_features  # noqa: E402
 from cfr_core.engine.fit import library_samples, test_samples  # noqa: E402
 from cfr_core.engine.gate import CHECKS, LABELS, build_library_gate, gate_decision  # noqa: E402
 from cfr_core.scoring.maps import gate_threshold  # noqa: E402
@@ -75,25 +74,17 @@ MODEL = "model score"
 SCORING = ScoringConfig()
 
 
-def joined(a: FeatureSet, b: FeatureSet) -> FeatureSet:
-    return FeatureSet(
-        torch.cat([a.rgb, b.rgb]),
-        torch.cat([a.points, b.points]),
-        torch.cat([a.masks, b.masks]),
-        a.keys + b.keys,
-    )
-
-
-def run(policy, library, test, record, order, batch) -> tuple[list[dict], list[dict]]:
-    """Judge ``test`` in ``order``, ``batch`` scans per tick, under ``policy``: one row per
-    judged scan, and the gate's limits at each tick."""
+def run(policy, features, n_library, record, order, batch) -> tuple[list[dict], list[dict]]:
+    """Judge the test scans (``features`` after its first ``n_library``, the library) in
+    ``order``, ``batch`` scans per tick, under ``policy``: one row per judged scan, and the
+    gate's limits at each tick."""
     scores = record["test_scores"]
     known = record["calibration"] + record["unused_train"]  # good scans the model did not fit
     model = SimpleNamespace(category=record["category"], threshold=None)
     joined_idx: list[int] = []  # test scans that joined the library
 
     def rebuild() -> None:
-        lib = library if not joined_idx else joined(library, test.select(joined_idx))
+        lib = features.select([*range(n_library), *(n_library + i for i in joined_idx)])
         model.gate_threshold = gate_threshold(
             known + [scores[i] for i in joined_idx], SCORING.gate_margin
         )
@@ -116,16 +107,15 @@ def run(policy, library, test, record, order, batch) -> tuple[list[dict], list[d
         changed = False
         for i in order[start : start + batch]:
             i = int(i)
-            decision = gate_decision(model, scores[i], test.select([i]))
+            decision = gate_decision(model, scores[i], features.select([n_library + i]))
             good = record["test_labels"][i] == 0
             rows.append(
                 {
                     "tick": tick,
-                    "scan": test.keys[i],
+                    "scan": features.keys[n_library + i],
                     "label": "good" if good else "defective",
                     "stopped": not decision.passed,
                     "failed": "; ".join(decision.failed()),
-                    "ratio": round(decision.ratio, 4),
                 }
             )
             released = good and not decision.passed  # a person looked and released it
@@ -149,8 +139,6 @@ def summary_rows(rows: list[dict]) -> dict:
     return {
         "held": float(np.mean([r["stopped"] for r in good])),
         "caught": float(np.mean([r["stopped"] for r in bad])),
-        "n_good": len(good),
-        "n_defective": len(bad),
         "slipped_in": sum(not r["stopped"] for r in bad),
     }
 
@@ -255,8 +243,7 @@ def main() -> None:
     results = []
     for cat in args.categories:
         lib_s, test_s = library_samples(data, cat), test_samples(data, cat)
-        library = extract_features(lib_s, extractors, pre, cache)
-        test = extract_features(test_s, extractors, pre, cache)
+        features = extract_features(lib_s + test_s, extractors, pre, cache)
         for seed in args.seeds:
             record = next(
                 (
@@ -274,7 +261,7 @@ def main() -> None:
             order = np.random.default_rng(seed).permutation(len(test_s))
             for policy in POLICIES:
                 t0 = time.perf_counter()
-                rows, ticks = run(policy, library, test, record, order, args.batch)
+                rows, ticks = run(policy, features, len(lib_s), record, order, args.batch)
                 res = {
                     "category": cat,
                     "seed": seed,
