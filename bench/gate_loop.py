@@ -22,7 +22,8 @@ policies:
   (`cfr shots release`) before the rebuild; defective scans stay in the quarantine;
 * **reviewed only**: a person releases the good scans the gate held, as in *loop +
   review*, but only they (and the original library) rebuild the gate: the scans the gate
-  itself accepted join the shot pool and not the gate's calibration.
+  itself accepted join the shot pool and not the gate's calibration. This is what the
+  pipeline does (only scans a person vouched for calibrate the next gate).
 
 The model itself is not refitted (the pipeline also redraws its shots from the grown
 pool): its test scores come from ``bench/results/dev/scores.jsonl`` (bench/gate.py), so
@@ -230,9 +231,19 @@ def main() -> None:
     ap.add_argument("--categories", nargs="+", default=list(DEV_CATEGORIES))
     ap.add_argument("--seeds", nargs="+", type=int, default=[42])
     ap.add_argument("--batch", type=int, default=6, help="scans per sensor tick (default 6)")
+    ap.add_argument(
+        "--policies", nargs="+", choices=POLICIES, default=list(POLICIES), metavar="POLICY",
+        help=f"policies to run (default all: {', '.join(repr(p) for p in POLICIES)})",
+    )  # fmt: skip
+    ap.add_argument(
+        "--out", type=Path, default=OUT / "gate_loop",
+        help="where to write: OUT.md, OUT.csv and OUT.png (default bench/results/gate_loop); "
+        "OUT_notes.md, when it exists, is appended to OUT.md",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.batch < 1:
         ap.error(f"--batch must be at least 1 scan per tick, got {args.batch}")
+    policies = [p for p in POLICIES if p in args.policies]
     logging.basicConfig(level=logging.WARNING)
     if not SCORES.exists():
         sys.exit(f"{SCORES} is missing: run bench/gate.py collect (see bench/gate.py)")
@@ -259,7 +270,7 @@ def main() -> None:
             if record["test_labels"] != [s.label for s in test_s]:
                 sys.exit(f"{cat}: the benchmark's test split differs from {SCORES}")
             order = np.random.default_rng(seed).permutation(len(test_s))
-            for policy in POLICIES:
+            for policy in policies:
                 t0 = time.perf_counter()
                 rows, ticks = run(policy, features, len(lib_s), record, order, args.batch)
                 res = {
@@ -279,16 +290,16 @@ def main() -> None:
                     f"({time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )
-    OUT.mkdir(parents=True, exist_ok=True)
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     md = report(results, args.batch)
-    notes = OUT / "gate_loop_notes.md"
+    notes = out.with_name(out.name + "_notes.md")
     if notes.exists():  # the reading of the numbers, written by hand
         md += "\n" + notes.read_text()
-    for path, text in ((OUT / "gate_loop.md", md),):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    tmp = OUT / "gate_loop.csv.tmp"
+    tmp = out.with_name(out.name + ".md.tmp")
+    tmp.write_text(md)
+    tmp.replace(out.with_name(out.name + ".md"))
+    tmp = out.with_name(out.name + ".csv.tmp")
     with tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["category", "seed", "policy", "tick", "scan", "label", "stopped", "failed"])
@@ -298,8 +309,9 @@ def main() -> None:
                     [r["category"], r["seed"], r["policy"], row["tick"], row["scan"],
                      row["label"], int(row["stopped"]), row["failed"]]
                 )  # fmt: skip
-    tmp.replace(OUT / "gate_loop.csv")
-    plot(results, OUT / "gate_loop.png")
+    tmp.replace(out.with_name(out.name + ".csv"))
+    if any(r["policy"] == "loop" for r in results):
+        plot(results, out.with_name(out.name + ".png"))
     print(md)
 
 
