@@ -155,7 +155,28 @@ def audit_cmd(
 
 @main.group()
 def shots() -> None:
-    """The shot library's quarantine: scans the deployed model found anomalous."""
+    """The shot library (the good scans) and its quarantine (scans the gate stopped)."""
+
+
+@shots.command("list")
+@HOME_OPTION
+@STORE_OPTION
+@click.option("--category", "-c")
+@_fail_cleanly
+def shots_list(home: Path, store: Path | None, category: str | None):
+    """List the library's scans: category, id, the file the operator dropped, how it got in.
+
+    "no gate" (dropped before the first deployment or with the gate off) and "released"
+    (a person released it from the quarantine) are scans a person vouched for: they
+    calibrate the next gate. "gate vN" scans were passed by deployed version N on its
+    own: they can be shots, but the gate does not learn from its own verdicts.
+    """
+    entries = _library(home, store).library_list(check_name(category) if category else None)
+    if not entries:
+        click.echo("the shot library is empty")
+    for e in entries:
+        how = e["admitted"] + (f" v{e.get('gate_version', '?')}" if e["admitted"] == "gate" else "")
+        click.echo(f"{e['category']:<12} {e['content_id']}  {how:<9} {e.get('name', '')}")
 
 
 @shots.command("quarantine")
@@ -170,7 +191,7 @@ def shots_quarantine(home: Path, store: Path | None, category: str | None):
         click.echo("the quarantine is empty")
     for q in entries:
         click.echo(
-            f"{q['category']:<12}{q['content_id']}  {q.get('name', '')}: {q.get('reason', '')}"
+            f"{q['category']:<12} {q['content_id']}  {q.get('name', '')}: {q.get('reason', '')}"
         )
 
 

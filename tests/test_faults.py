@@ -753,3 +753,72 @@ def test_fit_names_a_symlinked_split_folder_it_cannot_use(synth_copy, tmp_path):
     assert fit.exit_code == 0, fit.output
     assert "warning: 1 file(s) of dome not used" in fit.output, fit.output
     assert str(val) in fit.output and "symlink" in fit.output
+
+
+def _four_landed_dome_scans(synth_root, tmp_path):
+    """Four good dome scans dropped into ``tmp_path/landing/dome``, as the landing reads them."""
+    landing = tmp_path / "landing" / "dome"
+    landing.mkdir(parents=True)
+    for i, s in enumerate(index_category(synth_root, "dome").split("train")[:4]):
+        shutil.copyfile(s.rgb_path, landing / f"s{i}.png")
+        shutil.copyfile(s.xyz_path, landing / f"s{i}.tiff")
+    scans, problems = scan_landing(landing, "dome")
+    assert len(scans) == 4 and not problems
+    return scans
+
+
+def test_the_library_records_how_each_scan_got_in_and_a_hand_edited_record_is_named(
+    tmp_path, synth_root
+):
+    from cfr_core.errors import DataError
+
+    library = ShotLibrary(tmp_path / "shots")
+    scans = _four_landed_dome_scans(synth_root, tmp_path)
+    library.add(scans[0])  # no gate in force: the operator's own scan
+    library.add(scans[1], gate_version=3)  # the gate of deployed version 3 passed it
+    library.quarantine(scans[2], "RGB novelty above the gate")
+    library.release("dome", scans[2].content_id)  # a person looked and released it
+    library.add(scans[3])
+    old = library.folder("dome", scans[3].content_id) / "scan.json"
+    record = json.loads(old.read_text())
+    del record["admitted"]  # a record written before the field existed
+    old.write_text(json.dumps(record))
+
+    info = {s.content_id: library.info("dome", s.content_id) for s in scans}
+    assert info[scans[0].content_id]["admitted"] == "no gate"
+    assert info[scans[1].content_id]["admitted"] == "gate"
+    assert info[scans[1].content_id]["gate_version"] == 3
+    assert info[scans[2].content_id]["admitted"] == "released"
+    everything = {s.stem for s in library.samples("dome")}
+    vouched = {s.stem for s in library.samples("dome", vouched=True)}
+    assert everything == {s.content_id for s in scans}
+    assert vouched == everything - {scans[1].content_id}  # the gate's own verdict is left out
+
+    record["admitted"] = "trusted"  # hand-edited: refused by name, never read as vouched
+    old.write_text(json.dumps(record))
+    with pytest.raises(DataError, match=r"scan\.json: unknown admitted value 'trusted'"):
+        library.samples("dome", vouched=True)
+    assert len(library.samples("dome")) == 4  # the shot pool does not read the field
+
+
+def test_without_a_validation_split_thresholds_come_from_vouched_scans_first(tmp_path, synth_root):
+    from cfr_assets.assets.evaluation import _calibration, _gate_library
+
+    store = CFRStore(root=str(tmp_path / "store"), registry_url=f"sqlite:///{tmp_path / 'r.db'}")
+    library = store.library()
+    scans = _four_landed_dome_scans(synth_root, tmp_path)
+    for scan, version in zip(scans, (None, 1, 2, None), strict=True):
+        library.add(scan, version)
+    key = {s.stem: s.key for s in library.samples("dome")}
+    ids = [s.content_id for s in scans]
+    data = CFRData(landing=str(tmp_path / "landing"))  # no labelled dataset: no validation
+
+    val, source = _calibration(data, store, "dome", {key[ids[0]]})
+    assert [s.stem for s in val] == [ids[3]] and source == "scans of the pool not used as shots"
+    gate, left_out = _gate_library(data, store, "dome")
+    assert sorted(s.stem for s in gate) == sorted([ids[0], ids[3]]) and left_out == 2
+    # only scans the gate passed beside the shots: used, and the source says so
+    val, source = _calibration(data, store, "dome", {key[ids[0]], key[ids[3]]})
+    assert sorted(s.stem for s in val) == sorted(ids[1:3]) and "none vouched for" in source
+    val, source = _calibration(data, store, "dome", set(key.values()))
+    assert val is None and "shots themselves" in source

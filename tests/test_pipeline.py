@@ -499,3 +499,63 @@ def test_run_failing_half_way_keeps_the_deployment_and_leaves_no_partial_artifac
     assert not outcome.success and "power cut" in outcome.message
     assert registry.deployed("ribbed") == before and audit(before, registry).ok
     assert sorted(p.name for p in stage_root.iterdir()) == versions  # nothing new, nothing partial
+
+
+def test_only_scans_a_person_vouched_for_calibrate_the_next_gate(home):
+    """A scan the deployed gate passed on its own joins the shot pool, not the next gate's
+    calibration; a scan a person released from the quarantine joins both."""
+    home, _ = home
+    from cfr_assets.assets.evaluation import _gate_library
+    from cfr_assets.assets.library import shot_library
+
+    res = resources(home)
+    library, registry = res["store"].library(), registry_of(home)
+    first = registry.deployed("dome")
+    gate_before = load_model(first.model_path).library_gate
+    data = home / "demo" / "data"
+    odd = index_category(data, "ribbed").split("test")[0]  # a ribbed part, as dome
+    goods = [s for s in index_category(data, "dome").split("test") if s.label == 0]
+    landing = home / "landing" / "dome"
+    added: list[tuple[str, bool]] = []
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            for name, sample in [("odd", odd), *((f"good{i}", s) for i, s in enumerate(goods))]:
+                _write_pair(landing, name, sample)
+                with dg.build_asset_context(partition_key="dome", instance=instance) as ctx:
+                    meta = shot_library(
+                        ctx, data=res["data"], settings=res["settings"], store=res["store"]
+                    ).metadata
+                table = _v(meta["new_scans"]).records
+                assert len(table) == 1
+                added.append((table[0].data["id"], table[0].data["verdict"] == "quarantined"))
+                if name != "odd" and not added[-1][1]:
+                    break  # a good part the gate passed on its own
+        (odd_id, odd_held), (passed_id, passed_held) = added[0], added[-1]
+        assert odd_held and not passed_held, added
+        record = library.info("dome", passed_id)
+        assert record["admitted"] == "gate" and record["gate_version"] == 1
+        library.release("dome", odd_id)
+        assert library.info("dome", odd_id)["admitted"] == "released"
+        gate_scans, left_out = _gate_library(res["data"], res["store"], "dome")
+        keys = {s.key for s in gate_scans}
+        assert left_out == 1 and f"dome/train/good/{passed_id}" not in keys
+        assert f"dome/train/good/{odd_id}" in keys
+        listed = CliRunner().invoke(main, ["shots", "list", "-c", "dome", "--home", str(home)])
+        lines = {line.split()[1]: line for line in listed.output.splitlines()}
+        assert "gate v1" in lines[passed_id] and "good" in lines[passed_id]  # operator's name
+        assert "released" in lines[odd_id] and lines[odd_id].rstrip().endswith("odd")
+        assert sum("no gate" in line for line in lines.values()) == len(lines) - 2  # the demo's
+
+        outcome = run(home, "dome")
+        assert outcome.success and outcome.status == "deployed", outcome.message
+        gate_after = load_model(registry.deployed("dome").model_path).library_gate
+        # the released scan joined the gate's library, the one the gate passed did not
+        assert gate_after.library_size == gate_before.library_size + 1
+    finally:
+        for name in ("odd", *(f"good{i}" for i in range(len(goods)))):
+            for ext in (".png", ".tiff"):
+                (landing / f"{name}{ext}").unlink(missing_ok=True)
+        for content_id, _ in added:
+            for quarantine in (False, True):
+                shutil.rmtree(library.folder("dome", content_id, quarantine), True)
+        registry.rollback("dome", first.version)

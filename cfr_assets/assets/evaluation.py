@@ -37,31 +37,39 @@ from cfr_core.scoring.overlay import overlay
 
 def _calibration(data: CFRData, store: CFRStore, category: str, shot_keys: set[str]):
     """Normal scans the model has not seen: the dataset's validation/good, else the pool's
-    scans that are not shots (library, and the dataset's train/good when it is in the pool)."""
+    scans that are not shots and that a person vouched for (library, and the dataset's
+    train/good when it is in the pool), else the ones the gate passed on its own."""
     dataset = data.dataset()
     if data.has_split(category, "validation"):
         val = index_category(dataset, category).split("validation")
         if val:
             return val, "validation/good"
-    rest = [s for s in store.library().samples(category) if s.key not in shot_keys]
+    library = store.library()
+    vouched = {s.key for s in library.samples(category, vouched=True)}
+    rest = [s for s in library.samples(category) if s.key not in shot_keys]
     if data.use_dataset_train and data.has_split(category, "train"):
-        rest += [
-            s for s in index_category(dataset, category).split("train") if s.key not in shot_keys
-        ]
+        train = index_category(dataset, category).split("train")
+        rest += [s for s in train if s.key not in shot_keys]
+        vouched |= {s.key for s in train}
+    if any(s.key in vouched for s in rest):
+        return [s for s in rest if s.key in vouched], "scans of the pool not used as shots"
     if rest:
-        return rest, "scans of the pool not used as shots"
+        return rest, "scans of the pool not used as shots (passed by the gate, none vouched for)"
     return None, "the shots themselves (optimistic: add validation scans)"
 
 
-def _library(data: CFRData, store: CFRStore, category: str):
-    """Every good scan the pipeline holds for ``category``: the shot pool (the library, plus
-    the dataset's train/good when it is in the pool) and the dataset's validation/good."""
+def _gate_library(data: CFRData, store: CFRStore, category: str):
+    """The good scans the next gate is built from: the library scans a person vouched for
+    (not the ones the last gate passed on its own), the dataset's train/good when it is in
+    the pool, and its validation/good; and how many library scans were left out."""
     dataset = data.dataset()
-    pool = store.library().samples(category)
+    library = store.library()
+    pool = library.samples(category, vouched=True)
+    left_out = len(library.samples(category)) - len(pool)
     for split, wanted in (("train", data.use_dataset_train), ("validation", True)):
         if wanted and data.has_split(category, split):
             pool += index_category(dataset, category).split(split)
-    return pool
+    return pool, left_out
 
 
 def candidate_ref(context, store: CFRStore) -> StageRef:
@@ -130,14 +138,20 @@ def evaluation_report(
         )
         source = "not calibrated: non-finite weights"
     else:
+        gate_library, left_out = _gate_library(data, store, category)
         gate_note = calibrate_and_gate(
             model,
-            _library(data, store, category),
+            gate_library,
             val or manifest_samples(refs["normal_shots"].json("shots.json")),
             source,
             extractors,
             cache,
         )
+        if left_out:
+            gate_note += (
+                f"; left out of it: {left_out} library scan(s) that a gate passed on its own "
+                "(they can be shots; only scans a person vouched for calibrate the gate)"
+            )
         context.log.info(gate_note)
     meta: dict = {
         "threshold": model.threshold,

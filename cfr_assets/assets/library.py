@@ -52,7 +52,12 @@ A scan that fails any check goes to the quarantine with the failed checks and a
 heatmap (a person releases it with `cfr shots release`); the others are copied
 into the content-addressed library. Bad files are reported, never silently skipped. The
 data version is the hash of the accepted scans, so the rebuild sensor only
-starts a rebuild when the library really changed.""",
+starts a rebuild when the library really changed.
+
+Every accepted scan can become a shot, but only the scans a person vouched for
+(`vouched_scans`: dropped while no gate was in force, or released from the
+quarantine) calibrate the next gate: the gate does not learn from its own
+verdicts.""",
     kinds=("python", "filesystem"),
     group=INGEST,
 )
@@ -92,7 +97,7 @@ def shot_library(
                     pictures.append(picture)
                     context.log.warning(f"quarantined {scan.rgb_path.name}: {reason}")
             if verdict == "accepted":
-                library.add(scan)
+                library.add(scan, gate[2] if gate is not None else None)
             rows.append((scan, verdict, score, limit, checks))
         except CFRError as exc:  # this scan only: the others of the batch are still ingested
             problems.append((str(getattr(exc, "path", None) or scan.rgb_path), str(exc)))
@@ -102,6 +107,7 @@ def shot_library(
     pool = library.samples(category)
     meta: dict = {
         "accepted_scans": len(pool),
+        "vouched_scans": len(library.samples(category, vouched=True)),
         "new_accepted": sum(r[1] == "accepted" for r in rows),
         "new_quarantined": sum(r[1] == "quarantined" for r in rows),
         "not_ingested": len(problems),

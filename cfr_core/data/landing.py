@@ -11,6 +11,14 @@ both files), so a bank can always be traced to immutable bytes even after the
 landing folder is cleaned. A scan the deployed model finds anomalous goes to
 the quarantine instead, with its heatmap and the reason, until a person
 releases it.
+
+Each library record says how the scan got in (``admitted``): ``"no gate"`` (dropped
+while no gate was in force: before the first deployment, or with the gate switched
+off), ``"gate"`` (the gate of deployed version ``gate_version`` passed it on its own)
+or ``"released"`` (a person released it from the quarantine). The first and the last a
+person vouched for; only those calibrate the next gate (:meth:`ShotLibrary.samples`
+with ``vouched=True``), so the gate does not learn from its own verdicts. Records
+written before this field existed count as vouched for.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from cfr_core.errors import DataError
 from cfr_core.paths import check_content_id, check_name, inside, is_safe_name, refuse_symlink
 
 RGB_EXT = ".png"
+NO_GATE, GATE, RELEASED = "no gate", "gate", "released"  # how a scan entered the library
 XYZ_EXT = (".tiff", ".tif")
 
 
@@ -180,8 +189,12 @@ class ShotLibrary:
             (tmp / "scan.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
         return target
 
-    def add(self, scan: LandingScan) -> Path:
-        return self._store(scan, False, {})
+    def add(self, scan: LandingScan, gate_version: int | None = None) -> Path:
+        """Accept ``scan``: passed by the gate of deployed version ``gate_version``, or
+        (None) dropped while no gate was in force."""
+        if gate_version is None:
+            return self._store(scan, False, {"admitted": NO_GATE})
+        return self._store(scan, False, {"admitted": GATE, "gate_version": gate_version})
 
     def quarantine(
         self,
@@ -221,12 +234,14 @@ class ShotLibrary:
                         "quarantined file no longer matches its record (altered)", src / name
                     )
             meta["released_from_quarantine"] = meta.pop("reason", "")
+            meta["admitted"] = RELEASED
             (tmp / "scan.json").write_text(json.dumps(meta, indent=2) + "\n")
         shutil.rmtree(src)
         return dst
 
-    def samples(self, category: str) -> list[Sample]:
-        """Accepted scans as normal samples (sorted by content id)."""
+    def samples(self, category: str, vouched: bool = False) -> list[Sample]:
+        """Accepted scans as normal samples (sorted by content id); with ``vouched``, only
+        those a person vouched for (not the ones the gate passed on its own)."""
         base = self.root / "library" / check_name(category)
         if not base.is_dir():
             return []
@@ -234,6 +249,7 @@ class ShotLibrary:
             Sample(category, "train", GOOD, d.name, d / "rgb.png", d / "xyz.tiff")
             for d in sorted(base.iterdir())
             if (d / "scan.json").exists()
+            and (not vouched or admitted(read_scan_json(d / "scan.json"), d / "scan.json") != GATE)
         ]
 
     def pool_hash(self, category: str) -> str:
@@ -246,7 +262,18 @@ class ShotLibrary:
         return read_scan_json(self.folder(category, content_id, quarantine) / "scan.json")
 
     def quarantine_list(self, category: str | None = None) -> list[dict]:
-        base = self.root / "quarantine"
+        """The quarantined scans' records (with category and content id)."""
+        return self._records("quarantine", category)
+
+    def library_list(self, category: str | None = None) -> list[dict]:
+        """The accepted scans' records (with category, content id and ``admitted``)."""
+        return [
+            {**r, "admitted": admitted(r, self.folder(r["category"], r["content_id"]))}
+            for r in self._records("library", category)
+        ]
+
+    def _records(self, part: str, category: str | None) -> list[dict]:
+        base = self.root / part
         out = []
         for cat_dir in sorted(base.iterdir()) if base.is_dir() else []:
             if not cat_dir.is_dir() or (category and cat_dir.name != category):
@@ -261,6 +288,22 @@ class ShotLibrary:
                         }
                     )
         return out
+
+
+def admitted(record: dict, path: Path | None = None) -> str:
+    """How a library scan got in (:data:`NO_GATE`, :data:`GATE`, :data:`RELEASED`);
+    records older than the field: released when they say so, else :data:`NO_GATE`."""
+    how = record.get("admitted")
+    if how is None:
+        return RELEASED if "released_from_quarantine" in record else NO_GATE
+    if how not in (NO_GATE, GATE, RELEASED):
+        raise DataError(
+            f"unknown admitted value {how!r} in a scan record (expected {NO_GATE!r}, "
+            f"{GATE!r} or {RELEASED!r})",
+            path,
+            "the record was edited by hand: restore it, or remove the scan and drop it again",
+        )
+    return how
 
 
 def read_scan_json(path: Path) -> dict:
