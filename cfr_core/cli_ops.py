@@ -170,6 +170,8 @@ def shots_list(home: Path, store: Path | None, category: str | None):
     (a person released it from the quarantine) are scans a person vouched for: they
     calibrate the next gate. "gate vN" scans were passed by deployed version N on its
     own: they can be shots, but the gate does not learn from its own verdicts.
+    "unrecorded" scans were accepted before the library recorded how; they count as
+    vouched for.
     """
     entries = _library(home, store).library_list(check_name(category) if category else None)
     if not entries:
@@ -204,13 +206,15 @@ def shots_quarantine(home: Path, store: Path | None, category: str | None):
 def shots_release(category: str, content_id: str, home: Path, store: Path | None):
     """A person confirmed the quarantined scan CONTENT_ID is good: add it to the library.
 
-    The shot library changes, so the rebuild sensor starts a rebuild of CATEGORY
-    on its next tick (with `dagster dev` or the daemon running); without them,
-    run `cfr pipeline run CATEGORY`.
+    A released scan is one a person vouched for: besides joining the shot pool, it
+    calibrates the next gate, which so learns the spread of the good parts (scans the
+    gate passed on its own do not). The shot library changes, so the rebuild sensor
+    starts a rebuild of CATEGORY on its next tick (with `dagster dev` or the daemon
+    running); without them, run `cfr pipeline run CATEGORY`.
     """
     dst = _library(home, store).release(check_name(category), check_content_id(content_id))
     click.echo(
-        f"released into the library: {dst}\n"
+        f"released into the library: {dst} (the next gate is calibrated with it)\n"
         f"the rebuild sensor starts a rebuild of {category} on its next tick; "
         f"without dagster running: cfr pipeline run {category}"
     )

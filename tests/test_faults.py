@@ -8,6 +8,7 @@ audit-clean.
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -774,35 +775,61 @@ def test_the_library_records_how_each_scan_got_in_and_a_hand_edited_record_is_na
 
     library = ShotLibrary(tmp_path / "shots")
     scans = _four_landed_dome_scans(synth_root, tmp_path)
+    ids = [s.content_id for s in scans]
     library.add(scans[0])  # no gate in force: the operator's own scan
     library.add(scans[1], gate_version=3)  # the gate of deployed version 3 passed it
     library.quarantine(scans[2], "RGB novelty above the gate")
-    library.release("dome", scans[2].content_id)  # a person looked and released it
+    library.release("dome", ids[2])  # a person looked and released it
     library.add(scans[3])
-    old = library.folder("dome", scans[3].content_id) / "scan.json"
-    record = json.loads(old.read_text())
-    del record["admitted"]  # a record written before the field existed
-    old.write_text(json.dumps(record))
+    records = {i: library.folder("dome", i) / "scan.json" for i in ids}
 
-    info = {s.content_id: library.info("dome", s.content_id) for s in scans}
-    assert info[scans[0].content_id]["admitted"] == "no gate"
-    assert info[scans[1].content_id]["admitted"] == "gate"
-    assert info[scans[1].content_id]["gate_version"] == 3
-    assert info[scans[2].content_id]["admitted"] == "released"
+    def edit(scan_id, changes):  # a value of ... removes the key
+        record = {**json.loads(records[scan_id].read_text()), **changes}
+        records[scan_id].write_text(json.dumps({k: v for k, v in record.items() if v != ...}))
+
+    info = {i: library.info("dome", i) for i in ids}
+    assert [info[i]["admitted"] for i in ids] == ["no gate", "gate", "released", "no gate"]
+    assert info[ids[1]]["gate_version"] == 3
     everything = {s.stem for s in library.samples("dome")}
+    assert everything == set(ids)
     vouched = {s.stem for s in library.samples("dome", vouched=True)}
-    assert everything == {s.content_id for s in scans}
-    assert vouched == everything - {scans[1].content_id}  # the gate's own verdict is left out
+    assert vouched == everything - {ids[1]}  # the gate's own verdict is left out
 
-    record["admitted"] = "trusted"  # hand-edited: refused by name, never read as vouched
-    old.write_text(json.dumps(record))
-    with pytest.raises(DataError, match=r"scan\.json: unknown admitted value 'trusted'"):
-        library.samples("dome", vouched=True)
-    assert len(library.samples("dome")) == 4  # the shot pool does not read the field
+    # records written before the field existed: vouched for, and told apart in the list
+    edit(ids[3], {"admitted": ...})
+    edit(ids[2], {"admitted": ...})  # still says released_from_quarantine
+    edit(ids[0], {"content_id": ids[1], "category": "../x"})  # the folder names it, not this
+    listed = {e["content_id"]: e for e in library.library_list("dome")}
+    assert {i: e["admitted"] for i, e in listed.items()} == dict(
+        zip(ids, ["no gate", "gate", "released", "unrecorded"], strict=True)
+    )
+    assert listed[ids[0]]["category"] == "dome"
+    assert {s.stem for s in library.samples("dome", vouched=True)} == vouched
+
+    # hand-edited: refused naming the record, never read as vouched; the pool does not read it
+    for changes, message in (
+        ({"admitted": "trusted"}, "unknown admitted value 'trusted'"),
+        ({"admitted": None}, "unknown admitted value None"),
+        ({"admitted": ["gate"]}, r"unknown admitted value \['gate'\]"),
+        ({"gate_version": "../../x"}, "admitted 'gate' with gate_version '../../x'"),
+        ({"gate_version": ...}, "admitted 'gate' with gate_version None"),
+        ({"gate_version": True}, "admitted 'gate' with gate_version True"),
+        ({"admitted": "no gate"}, "admitted 'no gate' with gate_version 3"),
+    ):
+        edit(ids[1], {"admitted": "gate", "gate_version": 3, **changes})
+        path = re.escape(str(records[ids[1]]))
+        with pytest.raises(DataError, match=f"{path}: {message}"):
+            library.samples("dome", vouched=True)
+        with pytest.raises(DataError, match=f"{path}: {message}"):
+            library.library_list()
+        listed = CliRunner().invoke(main, ["shots", "list", "--store", str(tmp_path)])
+        assert listed.exit_code == 2 and re.search(f"{path}: {message}", listed.output)
+        assert "Traceback" not in listed.output
+        assert len(library.samples("dome")) == 4
 
 
 def test_without_a_validation_split_thresholds_come_from_vouched_scans_first(tmp_path, synth_root):
-    from cfr_assets.assets.evaluation import _calibration, _gate_library
+    from cfr_assets.assets.evaluation import GATE_PASSED_ONLY, _calibration, _gate_library
 
     store = CFRStore(root=str(tmp_path / "store"), registry_url=f"sqlite:///{tmp_path / 'r.db'}")
     library = store.library()
@@ -814,11 +841,25 @@ def test_without_a_validation_split_thresholds_come_from_vouched_scans_first(tmp
     data = CFRData(landing=str(tmp_path / "landing"))  # no labelled dataset: no validation
 
     val, source = _calibration(data, store, "dome", {key[ids[0]]})
-    assert [s.stem for s in val] == [ids[3]] and source == "scans of the pool not used as shots"
+    assert [s.stem for s in val] == [ids[3]]
+    assert source == "vouched scans of the pool not used as shots"
     gate, left_out = _gate_library(data, store, "dome")
     assert sorted(s.stem for s in gate) == sorted([ids[0], ids[3]]) and left_out == 2
     # only scans the gate passed beside the shots: used, and the source says so
     val, source = _calibration(data, store, "dome", {key[ids[0]], key[ids[3]]})
-    assert sorted(s.stem for s in val) == sorted(ids[1:3]) and "none vouched for" in source
+    assert sorted(s.stem for s in val) == sorted(ids[1:3]) and source == GATE_PASSED_ONLY
     val, source = _calibration(data, store, "dome", set(key.values()))
     assert val is None and "shots themselves" in source
+
+    # the dataset's train/good in the pool (no validation split) counts as vouched for
+    shutil.copytree(synth_root / "dome" / "train", tmp_path / "data" / "dome" / "train")
+    data = CFRData(
+        landing=str(tmp_path / "landing"),
+        dataset_root=str(tmp_path / "data"),
+        use_dataset_train=True,
+    )
+    train = index_category(tmp_path / "data", "dome").split("train")
+    val, source = _calibration(data, store, "dome", {key[ids[0]], key[ids[3]], train[0].key})
+    assert {s.key for s in val} == {s.key for s in train[1:]}  # not the gate-passed ones
+    gate, left_out = _gate_library(data, store, "dome")
+    assert {s.key for s in gate} == {key[ids[0]], key[ids[3]]} | {s.key for s in train}

@@ -541,6 +541,7 @@ def test_only_scans_a_person_vouched_for_calibrate_the_next_gate(home):
         assert left_out == 1 and f"dome/train/good/{passed_id}" not in keys
         assert f"dome/train/good/{odd_id}" in keys
         listed = CliRunner().invoke(main, ["shots", "list", "-c", "dome", "--home", str(home)])
+        assert listed.exit_code == 0, listed.output
         lines = {line.split()[1]: line for line in listed.output.splitlines()}
         assert "gate v1" in lines[passed_id] and "good" in lines[passed_id]  # operator's name
         assert "released" in lines[odd_id] and lines[odd_id].rstrip().endswith("odd")

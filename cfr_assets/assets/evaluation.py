@@ -34,11 +34,18 @@ from cfr_core.io.artifacts import MODEL_JSON, load_model, save_model, verify_mod
 from cfr_core.io.stages import REPORT_JSON, STAGE_JSON, TRAINING_STAGES, StageRef
 from cfr_core.scoring.overlay import overlay
 
+#: threshold source when every vouched scan is a shot and there is no validation split
+GATE_PASSED_ONLY = (
+    "scans of the pool not used as shots: only ones a gate passed on its own (no vouched "
+    "scan is left beside the shots; add validation/good scans)"
+)
+
 
 def _calibration(data: CFRData, store: CFRStore, category: str, shot_keys: set[str]):
-    """Normal scans the model has not seen: the dataset's validation/good, else the pool's
-    scans that are not shots and that a person vouched for (library, and the dataset's
-    train/good when it is in the pool), else the ones the gate passed on its own."""
+    """Normal scans the model has not seen, for the line's and the gate's thresholds: the
+    dataset's validation/good, else the pool's scans that are not shots and that a person
+    vouched for (library, and the dataset's train/good when it is in the pool), else (said
+    loudly: :data:`GATE_PASSED_ONLY`) the ones a gate passed on its own."""
     dataset = data.dataset()
     if data.has_split(category, "validation"):
         val = index_category(dataset, category).split("validation")
@@ -52,9 +59,9 @@ def _calibration(data: CFRData, store: CFRStore, category: str, shot_keys: set[s
         rest += [s for s in train if s.key not in shot_keys]
         vouched |= {s.key for s in train}
     if any(s.key in vouched for s in rest):
-        return [s for s in rest if s.key in vouched], "scans of the pool not used as shots"
+        return [s for s in rest if s.key in vouched], "vouched scans of the pool not used as shots"
     if rest:
-        return rest, "scans of the pool not used as shots (passed by the gate, none vouched for)"
+        return rest, GATE_PASSED_ONLY
     return None, "the shots themselves (optimistic: add validation scans)"
 
 
@@ -149,10 +156,17 @@ def evaluation_report(
         )
         if left_out:
             gate_note += (
-                f"; left out of it: {left_out} library scan(s) that a gate passed on its own "
-                "(they can be shots; only scans a person vouched for calibrate the gate)"
+                f"; it leaves out {left_out} library scan(s) that a gate passed on its own "
+                "(they can still be shots)"
             )
         context.log.info(gate_note)
+        if source == GATE_PASSED_ONLY:
+            context.log.warning(
+                f"{category}: the line's and the gate's thresholds come from scans a gate "
+                "passed on its own (every vouched scan is a shot and there is no "
+                "validation split): add validation/good scans to the dataset, or release "
+                "good scans from the quarantine"
+            )
     meta: dict = {
         "threshold": model.threshold,
         "gate_threshold": model.gate_threshold,

@@ -105,9 +105,14 @@ def shot_library(
     for path, reason in problems:
         context.log.warning(f"not ingested: {path}: {reason}")
     pool = library.samples(category)
+    try:
+        vouched: int | str = len(library.samples(category, vouched=True))
+    except CFRError as exc:  # the batch is in; the rebuild will stop on this record too
+        vouched = f"unknown: {exc}"
+        context.log.error(f"a library record is damaged: {exc}")
     meta: dict = {
         "accepted_scans": len(pool),
-        "vouched_scans": len(library.samples(category, vouched=True)),
+        "vouched_scans": vouched,
         "new_accepted": sum(r[1] == "accepted" for r in rows),
         "new_quarantined": sum(r[1] == "quarantined" for r in rows),
         "not_ingested": len(problems),

@@ -18,7 +18,8 @@ off), ``"gate"`` (the gate of deployed version ``gate_version`` passed it on its
 or ``"released"`` (a person released it from the quarantine). The first and the last a
 person vouched for; only those calibrate the next gate (:meth:`ShotLibrary.samples`
 with ``vouched=True``), so the gate does not learn from its own verdicts. Records
-written before this field existed count as vouched for.
+written before this field existed (``"unrecorded"``) count as vouched for: they cannot
+be told apart, and leaving them out could leave a gate with too few scans.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from cfr_core.paths import check_content_id, check_name, inside, is_safe_name, r
 
 RGB_EXT = ".png"
 NO_GATE, GATE, RELEASED = "no gate", "gate", "released"  # how a scan entered the library
+UNRECORDED = "unrecorded"  # a record written before the library recorded it: counts as vouched
 XYZ_EXT = (".tiff", ".tif")
 
 
@@ -268,11 +270,12 @@ class ShotLibrary:
     def library_list(self, category: str | None = None) -> list[dict]:
         """The accepted scans' records (with category, content id and ``admitted``)."""
         return [
-            {**r, "admitted": admitted(r, self.folder(r["category"], r["content_id"]))}
-            for r in self._records("library", category)
+            {**r, "admitted": admitted(r, r["path"])} for r in self._records("library", category)
         ]
 
     def _records(self, part: str, category: str | None) -> list[dict]:
+        """Each scan's record, with the category, content id and path of the folder it is in
+        (the folder wins over a hand-edited record)."""
         base = self.root / part
         out = []
         for cat_dir in sorted(base.iterdir()) if base.is_dir() else []:
@@ -282,26 +285,40 @@ class ShotLibrary:
                 if d.is_dir() and (d / "scan.json").exists():
                     out.append(
                         {
+                            **read_scan_json(d / "scan.json"),
                             "category": cat_dir.name,
                             "content_id": d.name,
-                            **read_scan_json(d / "scan.json"),
+                            "path": d / "scan.json",
                         }
                     )
         return out
 
 
 def admitted(record: dict, path: Path | None = None) -> str:
-    """How a library scan got in (:data:`NO_GATE`, :data:`GATE`, :data:`RELEASED`);
-    records older than the field: released when they say so, else :data:`NO_GATE`."""
-    how = record.get("admitted")
-    if how is None:
-        return RELEASED if "released_from_quarantine" in record else NO_GATE
-    if how not in (NO_GATE, GATE, RELEASED):
+    """How a library scan got in: :data:`NO_GATE`, :data:`GATE` (its ``gate_version`` a
+    positive integer) or :data:`RELEASED`; a record older than the field is
+    :data:`RELEASED` when it says so, else :data:`UNRECORDED`. Anything else is a
+    DataError naming ``path``."""
+    fix = "the record was edited by hand: restore it, or remove the scan and drop it again"
+    if "admitted" not in record:
+        return RELEASED if "released_from_quarantine" in record else UNRECORDED
+    how = record["admitted"]
+    if how not in (NO_GATE, GATE, RELEASED) or isinstance(how, bool):
         raise DataError(
             f"unknown admitted value {how!r} in a scan record (expected {NO_GATE!r}, "
             f"{GATE!r} or {RELEASED!r})",
             path,
-            "the record was edited by hand: restore it, or remove the scan and drop it again",
+            fix,
+        )
+    version = record.get("gate_version")
+    if (how == GATE) != ("gate_version" in record) or (
+        how == GATE and (isinstance(version, bool) or not isinstance(version, int) or version < 1)
+    ):
+        raise DataError(
+            f"admitted {how!r} with gate_version {version!r}: a scan the gate passed names "
+            "the deployed version (an integer >= 1), and only such a scan",
+            path,
+            fix,
         )
     return how
 
