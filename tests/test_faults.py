@@ -863,3 +863,22 @@ def test_without_a_validation_split_thresholds_come_from_vouched_scans_first(tmp
     assert {s.key for s in val} == {s.key for s in train[1:]}  # not the gate-passed ones
     gate, left_out = _gate_library(data, store, "dome")
     assert {s.key for s in gate} == {key[ids[0]], key[ids[3]]} | {s.key for s in train}
+
+
+def test_a_damaged_library_record_is_reported_by_the_ingest_that_still_takes_its_scans(
+    tmp_path, synth_root
+):
+    from cfr_assets.assets.library import shot_library
+    from cfr_assets.resources import CFRModelSettings
+
+    store = CFRStore(root=str(tmp_path / "store"), registry_url=f"sqlite:///{tmp_path / 'r.db'}")
+    scans = _four_landed_dome_scans(synth_root, tmp_path)
+    library = store.library()
+    library.add(scans[0], gate_version=1)
+    record = library.folder("dome", scans[0].content_id) / "scan.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "gate_version": "one"}))
+    data = CFRData(landing=str(tmp_path / "landing"))
+    with dg.build_asset_context(partition_key="dome") as context:
+        meta = shot_library(context, data=data, settings=CFRModelSettings(), store=store).metadata
+    assert meta["new_accepted"] == 3 and meta["accepted_scans"] == 4  # no deployed gate yet
+    assert meta["vouched_scans"].startswith(f"unknown: {record}: admitted 'gate' with")
