@@ -154,6 +154,8 @@ def test_shot_library_and_normal_shots_invoked_directly(home, tmp_path):
         _v(lib.metadata["new_accepted"]) == 8
         and _v(lib.metadata["gate"]) == "no deployed model yet"
     )
+    assert {r.data["admitted"] for r in _v(lib.metadata["new_scans"]).records} == {"no gate"}
+    assert _v(lib.metadata["vouched_scans"]) == 8  # no gate in force: the operator's own
     assert _v(shots.metadata["pool_size"]) == 8 and _v(shots.metadata["shots"]) == 2
     files = [r.data["file"] for r in _v(shots.metadata["shot_table"]).records]
     assert all(f.startswith("ribbed_") for f in files)  # the names the operator dropped
@@ -528,6 +530,7 @@ def test_only_scans_a_person_vouched_for_calibrate_the_next_gate(home):
                 table = _v(meta["new_scans"]).records
                 assert len(table) == 1
                 added.append((table[0].data["id"], table[0].data["verdict"] == "quarantined"))
+                assert table[0].data["admitted"] == ("" if added[-1][1] else "gate v1")
                 if name != "odd" and not added[-1][1]:
                     break  # a good part the gate passed on its own
         (odd_id, odd_held), (passed_id, passed_held) = added[0], added[-1]

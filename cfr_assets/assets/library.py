@@ -129,6 +129,9 @@ def shot_library(
                         "file": s.rgb_path.name,
                         "id": s.content_id,
                         "verdict": v,
+                        "admitted": (f"gate v{gate[2]}" if gate is not None else "no gate")
+                        if v == "accepted"
+                        else "",
                         "score": round(score, 4) if score is not None else None,
                         "gate": round(limit, 4) if limit is not None else None,
                         "checks": checks,
@@ -141,6 +144,12 @@ def shot_library(
                     dg.TableColumn("file", "string"),
                     dg.TableColumn("id", "string"),
                     dg.TableColumn("verdict", "string"),
+                    dg.TableColumn(
+                        "admitted",
+                        "string",
+                        "how it entered the library: 'no gate' scans calibrate the next gate, "
+                        "scans a gate passed on its own ('gate vN') do not",
+                    ),
                     dg.TableColumn("score", "float"),
                     dg.TableColumn("gate", "float"),
                     dg.TableColumn("checks", "string"),
