@@ -303,7 +303,7 @@ def admitted(record: dict, path: Path | None = None) -> str:
     if "admitted" not in record:
         return RELEASED if "released_from_quarantine" in record else UNRECORDED
     how = record["admitted"]
-    if how not in (NO_GATE, GATE, RELEASED) or isinstance(how, bool):
+    if how not in (NO_GATE, GATE, RELEASED):
         raise DataError(
             f"unknown admitted value {how!r} in a scan record (expected {NO_GATE!r}, "
             f"{GATE!r} or {RELEASED!r})",
