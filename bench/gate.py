@@ -334,15 +334,9 @@ def leave_one_category_out(dev: list[dict]) -> list[str]:
     held, in_force = [], []
     for c in cats:
         rule, margin = choose([r for r in dev if r["category"] != c])
-        mine = [r for r in dev if r["category"] == c]
-        out = [r for r in mine if (r["rule"], r["margin"]) == (rule, margin)]
-        now = [r for r in mine if (r["rule"], r["margin"]) == (IN_FORCE[0], label(IN_FORCE[1]))]
-        held.append(
-            (np.mean([r["false_quarantine"] for r in out]), np.mean([r["caught"] for r in out]))
-        )
-        in_force.append(
-            (np.mean([r["false_quarantine"] for r in now]), np.mean([r["caught"] for r in now]))
-        )
+        mine = by_rule([r for r in dev if r["category"] == c])  # (FQ, caught, rows) per rule
+        held.append(mine[(rule, margin)][:2])
+        in_force.append(mine[(IN_FORCE[0], label(IN_FORCE[1]))][:2])
         lines.append(
             f"| {c} | {rule}, {margin} | {held[-1][0]:.2f} / {held[-1][1]:.2f} | "
             f"{in_force[-1][0]:.2f} / {in_force[-1][1]:.2f} |"
