@@ -177,7 +177,7 @@ def shots_list(home: Path, store: Path | None, category: str | None):
     if not entries:
         click.echo("the shot library is empty")
     for e in entries:
-        how = e["admitted"] + (f" v{e.get('gate_version', '?')}" if e["admitted"] == "gate" else "")
+        how = e["admitted"] + (f" v{e['gate_version']}" if e["admitted"] == "gate" else "")
         click.echo(f"{e['category']:<12} {e['content_id']}  {how:<9} {e.get('name', '')}")
 
 
