@@ -183,6 +183,13 @@ class ScoringConfig:
     # gave 5.0 % / 93.4 %; the model score alone at 0.3: 5.0 % / 75.2 %)
     gate_margin: float = 0.5
     library_gate_margin: float = 0.05
+    # the library check's colour novelty (the scan's own colour, not the deep features)
+    # must stay within its leave-one-out maximum * (1 + colour_gate_margin). Set, not
+    # tuned: on the development categories every margin from 0.3 to 4 gave the same
+    # result (bench/results/gate.md: good test scans reach 1.2x the leave-one-out
+    # maximum, the stains no good scan's colour explains 60x and more); 1.0 (twice the
+    # maximum) leaves good parts room on a line whose lighting varies more
+    colour_gate_margin: float = 1.0
     # the library check keeps at most this many good scans, the most varied ones
     # (cfr_core.engine.gate): its bank grows with the library and its leave-one-out build
     # with the square of it (bench/results/gate_scale.md: checker 9 s at 12 scans, 54 s
@@ -206,7 +213,15 @@ class ScoringConfig:
             object.__setattr__(self, "theta", float(self.theta))
         if not 0.0 < self.theta_quantile <= 1.0:
             raise ConfigError(f"theta_quantile must be in (0, 1], got {self.theta_quantile}")
-        if min(self.threshold_margin, self.gate_margin, self.library_gate_margin) < 0:
+        if (
+            min(
+                self.threshold_margin,
+                self.gate_margin,
+                self.library_gate_margin,
+                self.colour_gate_margin,
+            )
+            < 0
+        ):
             raise ConfigError("threshold and gate margins must be >= 0")
         if (
             isinstance(self.library_gate_scans, bool)

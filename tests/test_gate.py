@@ -202,11 +202,11 @@ def test_a_hand_edited_gate_cannot_pass_every_scan(fitted):
     refused("finite number", limits={"points": True})
     refused("leave-one-out peaks", limits={"rgb": gate_meta["limits"]["rgb"] * 3})
     refused("leave-one-out peaks", margin=gate_meta["margin"] + 1)
-    refused("nothing else", limits={"colour": 0.1})
+    refused("nothing else", limits={"sparkle": 0.1})
     refused(
         "needs limits and leave-one-out peaks",
-        limits={"colour": 0.1},
-        loo_peaks={**gate_meta["loo_peaks"], "colour": [0.1] * len(gate_meta["scans"])},
+        limits={"sparkle": 0.1},
+        loo_peaks={**gate_meta["loo_peaks"], "sparkle": [0.1] * len(gate_meta["scans"])},
     )
     refused("leave-one-out peaks", limits={"pairing": gate_meta["limits"]["pairing"] / 2})
     refused("must be a list of numbers", loo_peaks={**gate_meta["loo_peaks"], "pairing": 0.1})
@@ -312,7 +312,7 @@ def test_a_model_saved_before_the_pairing_check_keeps_its_two_checks(fitted, dom
     for key in ("limits", "loo_peaks"):
         del meta["library_gate"][key][PAIRING]
     older = model_from_parts(meta, fitted.tensors())
-    assert older.library_gate.checks == MODALITIES
+    assert older.library_gate.checks == (*MODALITIES, "colour")
     assert "refit to add it" in gate_summary(older)
     decision = gate_decision(older, 0.0, dome["ribbed"])
     assert "RGB-3D pairing novelty" not in decision.checks
@@ -401,3 +401,149 @@ def test_a_library_scan_the_check_cannot_sample_is_named_and_small_scans_set_the
     for bad in (1, 3.5, "4", True):
         with pytest.raises(ValueError, match="max_scans must be an integer >= 2"):
             build_library_gate(lib, margin=0.1, max_scans=bad)
+
+
+def _centre_disk(features, radius: int) -> torch.Tensor:
+    """A disk of ``radius`` grid pixels at the middle of sample 0's part."""
+    ys, xs = torch.nonzero(features.foreground[0], as_tuple=True)
+    cy, cx = int(ys.float().median()), int(xs.float().median())
+    rows, cols = torch.meshgrid(
+        torch.arange(features.foreground.shape[1]),
+        torch.arange(features.foreground.shape[2]),
+        indexing="ij",
+    )
+    return ((rows - cy) ** 2 + (cols - cx) ** 2 <= radius**2) & features.foreground[0]
+
+
+def test_a_colour_no_good_scan_shows_is_stopped_and_a_dimmer_lamp_is_not(fitted, dome):
+    """Paint a green stain into a good dome scan's colour (its deep features untouched, so
+    only the colour check can see it): the colour check stops it and the heatmap shows it.
+    The same scan 10 % darker (lamp, gain) passes: chromaticity divides brightness out."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from cfr_core.engine.gate import CHECKS, COLOUR, LABELS, gate_heatmap
+
+    gate = fitted.library_gate
+    assert gate.checks == CHECKS and gate.colour_margin == 1.0
+    assert gate.limits[COLOUR] == pytest.approx(max(gate.loo_peaks[COLOUR]) * 2.0)
+    good = dome["test"].select([dome["labels"].index(0)])
+    before = novelty_peaks(gate, good)[0]
+    assert all(before[c] <= gate.limits[c] for c in CHECKS)
+    stained = replace(good, colour=good.colour.clone())
+    disk = _centre_disk(good, radius=3)
+    stained.colour[0][:, disk] = torch.tensor([0.36, 0.52, 0.30])[:, None]
+    after = novelty_peaks(gate, stained)[0]
+    assert after[COLOUR] > 10 * gate.limits[COLOUR]
+    for c in ("rgb", "points", "pairing"):
+        assert after[c] == before[c]  # the deep features did not change
+    decision = gate_decision(fitted, 0.0, stained)
+    assert decision.failed() == [LABELS[COLOUR]]
+    assert "colour novelty" in decision.describe().split(",")[0]
+    # what the quarantine shows: the colour check's own map (only .scan.rgb is read)
+    scanned = SimpleNamespace(scan=SimpleNamespace(rgb=np.full((GRID, GRID, 3), 128, np.uint8)))
+    picture, caption = gate_heatmap(decision, scanned)
+    assert caption.startswith("colour novelty") and picture.shape == (GRID, GRID, 3)
+    dimmer = replace(good, colour=good.colour * 0.9)
+    assert novelty_peaks(gate, dimmer)[0][COLOUR] <= gate.limits[COLOUR]
+
+
+def test_the_colour_the_gate_reads_is_the_same_at_fit_and_at_the_landing(synth_root, cache):
+    """The library's colour comes from extract_features (files, cached features), a landing
+    scan's from features_of_scans (a prepared scan): both must be the same numbers, or good
+    landing scans would look novel."""
+    from cfr_core.data.prepare import prepare_sample
+    from cfr_core.engine.features import features_of_scans
+
+    ex = build_extractors(EXTRACTORS)
+    pre = FitConfig().preprocess
+    sample = library_samples(synth_root, "candy")[0]
+    cached = extract_features([sample], ex, pre, cache)
+    again = extract_features([sample], ex, pre, cache)  # now from the cache
+    landing = features_of_scans([prepare_sample(sample, pre)], ex)
+    assert cached.colour.shape == (1, 3, GRID, GRID) and cached.colour.dtype == torch.float32
+    assert torch.equal(cached.colour, again.colour)
+    assert torch.equal(cached.colour, landing.colour)
+    # the part's own colour: candy is one saturated colour, far from grey
+    part = cached.colour[0][:, cached.foreground[0]]
+    assert float((part.max(0).values - part.min(0).values).mean()) > 0.2
+
+
+def test_a_grey_scale_library_gets_no_colour_check_and_says_so(fitted, dome, tmp_path):
+    from cfr_core.engine.gate import COLOUR, gate_summary
+
+    lib = dome["library"]
+    grey = replace(lib, colour=lib.colour.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1))
+    gate = build_library_gate(grey, margin=0.1)
+    assert COLOUR not in gate.checks and gate.colour_margin is None
+    model = replace(fitted, library_gate=gate)
+    assert "no colour check" in gate_summary(model) and "grey-scale" in gate_summary(model)
+    save_model(model, tmp_path / "grey")
+    loaded = load_model(tmp_path / "grey").library_gate
+    assert loaded.checks == gate.checks and "gate.colour" not in model.tensors()
+    # features built without colour: the check cannot be built silently without it
+    with pytest.raises(ValueError, match="needs the library scans' colour"):
+        build_library_gate(replace(lib, colour=None), margin=0.1)
+    assert COLOUR not in build_library_gate(lib, margin=0.1, colour_margin=None).checks
+    with pytest.raises(ValueError, match="colour_margin must be"):
+        build_library_gate(lib, margin=0.1, colour_margin=-1.0)
+    with pytest.raises(ValueError, match="carry no colour"):
+        novelty_peaks(fitted.library_gate, replace(dome["test"], colour=None))
+
+
+def test_a_model_saved_before_the_colour_check_keeps_its_three_checks(fitted, dome):
+    import json
+
+    from cfr_core.engine.gate import COLOUR, PAIRING, gate_summary
+    from cfr_core.io.artifacts import model_from_parts, model_metadata
+
+    meta = json.loads(json.dumps(model_metadata(fitted)))
+    for key in ("limits", "loo_peaks"):
+        del meta["library_gate"][key][COLOUR]
+    del meta["library_gate"]["colour"]
+    tensors = {k: v for k, v in fitted.tensors().items() if k != "gate.colour"}
+    older = model_from_parts(meta, tensors)
+    assert older.library_gate.checks == (*MODALITIES, PAIRING)
+    assert "no colour check" in gate_summary(older)
+    assert "colour novelty" not in gate_decision(older, 0.0, dome["ribbed"]).checks
+    # the colour bank left behind without its limit is refused, not ignored
+    with pytest.raises(ValueError, match="without a colour limit"):
+        model_from_parts(meta, fitted.tensors())
+
+
+def test_a_hand_edited_colour_check_is_refused(fitted):
+    import json
+
+    from cfr_core.engine.gate import COLOUR
+    from cfr_core.io.artifacts import model_from_parts, model_metadata
+
+    meta = json.loads(json.dumps(model_metadata(fitted)))
+    gate_meta = meta["library_gate"]
+    bank = fitted.tensors()["gate.colour"]
+
+    def refused(match, tensors=None, **changes):
+        edited = {**meta, "library_gate": {**gate_meta, **changes}}
+        with pytest.raises(ValueError, match=match):
+            model_from_parts(edited, {**fitted.tensors(), **(tensors or {})})
+
+    limit = gate_meta["limits"][COLOUR]
+    refused("leave-one-out peaks", limits={**gate_meta["limits"], COLOUR: limit * 3})
+    refused("leave-one-out peaks", colour={**gate_meta["colour"], "margin": 9.0})
+    refused("another colour space", colour={**gate_meta["colour"], "space": "CIELAB"})
+    refused("another colour space", colour={**gate_meta["colour"], "dark_floor": 0.0})
+    refused("colour margin must be >= 0", colour={**gate_meta["colour"], "margin": -0.5})
+    refused("finite number", colour={**gate_meta["colour"], "margin": "1"})
+    refused("without its colour settings", colour=None)
+    refused(
+        "must be in",
+        loo_peaks={**gate_meta["loo_peaks"], COLOUR: [5.0] * len(gate_meta["scans"])},
+        limits={**gate_meta["limits"], COLOUR: 10.0},
+    )
+    refused("float32 rows", tensors={"gate.colour": bank.half()})
+    refused("float32 rows", tensors={"gate.colour": bank[:-1]})
+    refused("outside", tensors={"gate.colour": bank + 2.0})
+    refused("outside", tensors={"gate.colour": torch.full_like(bank, float("nan"))})
+    without = {k: v for k, v in fitted.tensors().items() if k != "gate.colour"}
+    with pytest.raises(ValueError, match="no gate.colour tensor"):
+        model_from_parts(meta, without)

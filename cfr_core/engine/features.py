@@ -15,7 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from cfr_core.config import ExtractorConfig
@@ -36,6 +38,9 @@ class FeatureSet:
     points: torch.Tensor  # B×C3×G×G
     masks: torch.Tensor  # B×G×G bool ground truth (all False for good parts)
     keys: list[str]
+    # B×3×G×G: the scan's own colour (RGB in [0, 1], area-averaged onto the grid), which the
+    # quality gate's colour check reads (None where a caller built features without it)
+    colour: torch.Tensor | None = None
 
     @property
     def foreground(self) -> torch.Tensor:
@@ -47,7 +52,10 @@ class FeatureSet:
 
     def select(self, idx: Sequence[int]) -> FeatureSet:
         i = list(idx)
-        return FeatureSet(self.rgb[i], self.points[i], self.masks[i], [self.keys[j] for j in i])
+        colour = None if self.colour is None else self.colour[i]
+        return FeatureSet(
+            self.rgb[i], self.points[i], self.masks[i], [self.keys[j] for j in i], colour
+        )
 
 
 def build_extractors(config: ExtractorConfig) -> tuple[Extractor, Extractor]:
@@ -111,6 +119,20 @@ def grid_mask(sample: Sample, preprocess: PreprocessConfig, grid: int) -> torch.
     return torch.from_numpy(resize_nearest(mask, grid))
 
 
+def colour_grid(rgb: np.ndarray, grid: int) -> torch.Tensor:
+    """3×G×G: a padded, square uint8 RGB image (as :class:`PreparedScan` holds it) averaged
+    onto the feature grid, in [0, 1] (float32: the gate's colour check works at the scale
+    of sensor noise, finer than float16 resolves)."""
+    image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()[None] / 255.0
+    return F.interpolate(image, size=(grid, grid), mode="area")[0]
+
+
+def _sample_colour(sample: Sample, preprocess: PreprocessConfig, grid: int) -> torch.Tensor:
+    """The sample's colour on the grid, padded like its scan (:func:`prepare_sample` pads RGB
+    in edge mode), without the point-cloud preprocessing."""
+    return colour_grid(pad_to_square(sample.load_rgb(), preprocess.pad_multiple, "edge"), grid)
+
+
 def features_of_scans(
     scans: Sequence[PreparedScan],
     extractors: tuple[Extractor, Extractor],
@@ -121,7 +143,9 @@ def features_of_scans(
     rgb = rgb_ex(list(scans)).detach().cpu().half().float()
     pts = pts_ex(list(scans)).detach().cpu().half().float()
     masks = torch.stack([torch.from_numpy(resize_nearest(s.mask, rgb_ex.grid)) for s in scans])
-    return FeatureSet(rgb, pts, masks, list(keys) if keys is not None else [s.key for s in scans])
+    colour = torch.stack([colour_grid(s.rgb, rgb_ex.grid) for s in scans])
+    names = list(keys) if keys is not None else [s.key for s in scans]
+    return FeatureSet(rgb, pts, masks, names, colour)
 
 
 def extract_features(
@@ -172,4 +196,5 @@ def extract_features(
         points=torch.stack(pts_maps).float(),
         masks=torch.stack([grid_mask(s, preprocess, grid) for s in samples]),
         keys=[s.key for s in samples],
+        colour=torch.stack([_sample_colour(s, preprocess, grid) for s in samples]),
     )

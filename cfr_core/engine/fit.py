@@ -285,7 +285,10 @@ def attach_library_gate(model: FittedModel, library: FeatureSet) -> str:
     try:
         scoring = model.config.scoring
         model.library_gate = build_library_gate(
-            library, scoring.library_gate_margin, scoring.library_gate_scans
+            library,
+            scoring.library_gate_margin,
+            scoring.library_gate_scans,
+            colour_margin=scoring.colour_gate_margin,
         )
     except NoLibraryCheck as exc:
         model.library_gate = None

@@ -16,9 +16,16 @@ library** (the pool the shots are drawn from, plus validation scans; up to
   *mean* of the RGB and 3D cosines to one library pixel. Each modality alone can
   look like some good pixel while the pair does not (paint where the part has no
   stud): only this check, of the library's, compares the modalities.
+* Its **colour novelty**: the distance of each sampled pixel's own colour (the
+  image averaged onto the feature grid, as rg chromaticity: brightness, shading and
+  camera gain divide out) to the nearest colour of any library pixel, blurred the
+  same way; its peak. A stain in a colour no good scan shows can sit on a busy print
+  whose deep features vary from part to part anyway (speckled's chips): the deep
+  RGB check then allows it, the colour check does not.
 * Its **limits**: each library scan's peak against the bank of the *other*
   library scans (leave-one-out: a good scan the bank has not seen), the highest
-  of them × (1 + ``ScoringConfig.library_gate_margin``), one margin for all three.
+  of them × (1 + ``ScoringConfig.library_gate_margin``), one margin for the three
+  feature checks; × (1 + ``ScoringConfig.colour_gate_margin``) for the colour check.
 * A library larger than ``ScoringConfig.library_gate_scans`` is cut to that many
   scans, the **most varied** ones (:func:`most_varied`): each next scan is the one
   least like those already kept. Without the cut the bank and each landing check
@@ -30,10 +37,12 @@ library** (the pool the shots are drawn from, plus validation scans; up to
 A scan enters the library only when its model score is within the model's gate
 threshold, the three novelty peaks are within their limits *and* it has at least half
 the foreground of the smallest library scan (:func:`gate_decision`).
-Stride, blur, the checks and both margins were chosen on the development
+Stride, blur, the checks and the margins were chosen on the development
 categories (bench/gate.py, bench/results/gate.md). Needs at least two library
 scans (leave-one-out); with fewer the gate uses the model's score alone. A model
-saved before the pairing check existed keeps its RGB and 3D checks.
+saved before the pairing or the colour check existed keeps the checks it has. A
+library whose scans all show one colour (a grey-scale camera: every pixel has the
+same chromaticity) gets no colour check, and says so.
 """
 
 from __future__ import annotations
@@ -46,7 +55,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.spatial import cKDTree
 
+from cfr_core.config import ScoringConfig
 from cfr_core.engine.features import FeatureSet
 from cfr_core.errors import CFRError, DataError, finite_number
 from cfr_core.memory import max_cosine_pair
@@ -63,9 +74,22 @@ GATE_STRIDE = 2
 GATE_BLUR = ((5, 5),)
 MODALITIES = ("rgb", "points")
 PAIRING = "pairing"
-#: the library's checks: one per modality, and both modalities together
-CHECKS = (*MODALITIES, PAIRING)
-LABELS = {"rgb": "RGB novelty", "points": "3D novelty", PAIRING: "RGB-3D pairing novelty"}
+COLOUR = "colour"
+#: the library's checks: one per modality, both modalities together, and the raw colour
+CHECKS = (*MODALITIES, PAIRING, COLOUR)
+LABELS = {
+    "rgb": "RGB novelty",
+    "points": "3D novelty",
+    PAIRING: "RGB-3D pairing novelty",
+    COLOUR: "colour novelty",
+}
+#: the colour check's space: (r + f, g + f) / (r + g + b + 3f) of the grid-averaged colour
+#: in [0, 1]; the floor f keeps the hue of near-black pixels (mostly sensor noise) close
+#: to grey. Not tuned: every floor from 0 to 0.2 gave the same development result.
+COLOUR_SPACE = "rg chromaticity"
+DARK_FLOOR = 0.05
+#: colour novelty is a distance in chromaticity: at most sqrt(2) between two points of [0, 1]²
+_MAX_COLOUR_DISTANCE = math.sqrt(2.0)
 FOREGROUND_CHECK = "foreground missing"
 
 
@@ -77,7 +101,8 @@ class NoLibraryCheck(CFRError, ValueError):
 class LibraryGate:
     """Banks, standardisation and limits of the library check (saved with the model)."""
 
-    banks: dict[str, torch.Tensor]  # modality -> N×C standardised unit rows (float16)
+    # modality -> N×C standardised unit rows (float16); COLOUR -> N×2 chromaticity (float32)
+    banks: dict[str, torch.Tensor]
     stats: dict[str, torch.Tensor]  # modality -> 2×C (mean, std)
     limits: dict[str, float]  # check (CHECKS) -> novelty peak limit
     loo_peaks: dict[str, list[float]]  # check -> leave-one-out peak of each library scan
@@ -85,9 +110,17 @@ class LibraryGate:
     margin: float
     min_foreground: int  # sampled foreground pixels of the library's smallest scan
     library_size: int = 0  # different good scans offered (more than ``scans`` when cut)
+    colour_margin: float | None = None  # None: no colour check
+    _colour_tree: cKDTree | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.library_size = max(self.library_size, len(self.scans))
+
+    def colour_tree(self) -> cKDTree:
+        """Nearest-colour search over the colour bank (built once per gate)."""
+        if self._colour_tree is None:
+            self._colour_tree = cKDTree(self.banks[COLOUR].double().numpy())
+        return self._colour_tree
 
     @property
     def checks(self) -> tuple[str, ...]:
@@ -98,9 +131,20 @@ class LibraryGate:
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"gate.{m}": self.banks[m] for m in MODALITIES}
         out.update({f"gate.{m}_stats": self.stats[m] for m in MODALITIES})
+        if COLOUR in self.banks:
+            out[f"gate.{COLOUR}"] = self.banks[COLOUR]
         return out
 
     def metadata(self) -> dict[str, Any]:
+        colour = {}
+        if self.colour_margin is not None:
+            colour = {
+                "colour": {
+                    "space": COLOUR_SPACE,
+                    "dark_floor": DARK_FLOOR,
+                    "margin": self.colour_margin,
+                }
+            }
         return {
             "limits": self.limits,
             "loo_peaks": self.loo_peaks,
@@ -110,6 +154,7 @@ class LibraryGate:
             "library_size": self.library_size,
             "stride": GATE_STRIDE,
             "blur": [list(b) for b in GATE_BLUR],
+            **colour,
         }
 
     @classmethod
@@ -163,6 +208,7 @@ class LibraryGate:
                 f"(and {PAIRING!r} since it exists), nothing else; got limits of "
                 f"{sorted(map(str, names))} and peaks of {sorted(map(str, meta['loo_peaks']))}"
             )
+        colour_margin = _colour_margin(meta, COLOUR in names)
         for m in [c for c in CHECKS if c in names]:
             limits[m] = finite_number(meta["limits"][m], f"library_gate limit of {m}")
             if not isinstance(meta["loo_peaks"][m], list):
@@ -170,14 +216,25 @@ class LibraryGate:
             loo[m] = [
                 finite_number(x, f"library_gate loo_peaks of {m}") for x in meta["loo_peaks"][m]
             ]
-            if not 0 < limits[m] <= 2:
-                raise ValueError(f"library_gate limit of {m} must be in (0, 2], got {limits[m]}")
+            if m == COLOUR:  # a distance in chromaticity, limited by its own margin
+                top, m_margin = _MAX_COLOUR_DISTANCE, colour_margin
+                if not all(0 <= x <= top for x in loo[m]) or not limits[m] > 0:
+                    raise ValueError(
+                        f"library_gate colour peaks must be in [0, {top:.4f}] with a limit "
+                        f"above 0, got a limit of {limits[m]}"
+                    )
+            else:  # novelty is 1 − a cosine
+                m_margin = margin
+                if not 0 < limits[m] <= 2:
+                    raise ValueError(
+                        f"library_gate limit of {m} must be in (0, 2], got {limits[m]}"
+                    )
             if len(loo[m]) != len(scans) or not math.isclose(
-                limits[m], novelty_limit(loo[m], margin), rel_tol=1e-6
+                limits[m], novelty_limit(loo[m], m_margin), rel_tol=1e-6
             ):
                 raise ValueError(
                     f"library_gate limit of {m} ({limits[m]}) is not the highest of its "
-                    f"{len(scans)} leave-one-out peaks × (1 + margin {margin})"
+                    f"{len(scans)} leave-one-out peaks × (1 + margin {m_margin})"
                 )
         banks, stats = {}, {}
         for m in MODALITIES:
@@ -206,7 +263,56 @@ class LibraryGate:
                 f"gate.rgb has {banks['rgb'].shape[0]} rows and gate.points "
                 f"{banks['points'].shape[0]}: each row is one library pixel of both modalities"
             )
-        return cls(banks, stats, limits, loo, [str(s) for s in scans], margin, smallest, size)
+        key = f"gate.{COLOUR}"
+        if colour_margin is None and key in tensors:
+            raise ValueError(f"{key} without a colour limit in library_gate")
+        if colour_margin is not None:
+            bank = tensors.get(key)
+            if bank is None:
+                raise ValueError(f"library_gate has a colour limit but no {key} tensor")
+            if bank.dtype != torch.float32 or tuple(bank.shape) != (banks["rgb"].shape[0], 2):
+                raise ValueError(
+                    f"{key} must be float32 rows of (r, g) chromaticity, one per library pixel "
+                    f"({banks['rgb'].shape[0]}), got {tuple(bank.shape)} {bank.dtype}"
+                )
+            if not (bool(torch.isfinite(bank).all()) and bool(((bank >= 0) & (bank <= 1)).all())):
+                raise ValueError(f"{key} holds values outside [0, 1] (chromaticity)")
+            banks[COLOUR] = bank
+        return cls(
+            banks,
+            stats,
+            limits,
+            loo,
+            [str(s) for s in scans],
+            margin,
+            smallest,
+            size,
+            colour_margin,
+        )
+
+
+def _colour_margin(meta: dict[str, Any], has_limit: bool) -> float | None:
+    """The colour check's margin from a saved gate's metadata (None: the model has no colour
+    check); refused when it was built in another colour space than this code's."""
+    spec = meta.get("colour")
+    if spec is None and not has_limit:
+        return None
+    if spec is None or not has_limit:
+        raise ValueError(
+            "library_gate has a colour limit without its colour settings, or settings without the limit"
+        )
+    if not isinstance(spec, dict) or (spec.get("space"), spec.get("dark_floor")) != (
+        COLOUR_SPACE,
+        DARK_FLOOR,
+    ):
+        raise ValueError(
+            f"library_gate's colour check was built in another colour space than this code's "
+            f"({COLOUR_SPACE}, dark floor {DARK_FLOOR}): refit the category"
+        )
+    margin = finite_number(spec.get("margin"), "library_gate colour margin")
+    if margin < 0:
+        raise ValueError(f"library_gate colour margin must be >= 0, got {margin}")
+    return margin
 
 
 def novelty_limit(loo_peaks: list[float], margin: float) -> float:
@@ -223,13 +329,27 @@ def _sampled_mask(features: FeatureSet, i: int) -> torch.Tensor:
     return fg & grid
 
 
+def chromaticity(colour: torch.Tensor) -> torch.Tensor:
+    """N×2 (r, g) chromaticity (COLOUR_SPACE, DARK_FLOOR) of N×3 colours in [0, 1]."""
+    colour = colour.float()
+    return (colour[:, :2] + DARK_FLOOR) / (colour.sum(dim=1, keepdim=True) + 3 * DARK_FLOOR)
+
+
 def _sampled_rows(features: FeatureSet, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Raw features of sample ``i`` at its strided foreground pixels, and that pixel mask."""
+    """Raw features of sample ``i`` at its strided foreground pixels (and their
+    chromaticity when the features carry the scan's colour), and that pixel mask."""
     mask = _sampled_mask(features, i)
     rows = {
         "rgb": features.rgb[i][:, mask].T.float(),
         "points": features.points[i][:, mask].T.float(),
     }
+    if features.colour is not None:
+        if tuple(features.colour.shape[-2:]) != tuple(mask.shape):
+            raise ValueError(
+                f"the colour map is {tuple(features.colour.shape[-2:])}, the feature grid "
+                f"{tuple(mask.shape)}"
+            )
+        rows[COLOUR] = chromaticity(features.colour[i][:, mask].T)
     return rows, mask
 
 
@@ -238,20 +358,36 @@ def _standardise(rows: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
 
 
 def _unit_rows(rows: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]):
-    """A sample's rows per modality, standardised on the library, unit length."""
-    return {m: F.normalize(_standardise(rows[m], stats[m]), dim=1) for m in MODALITIES}
+    """A sample's rows per modality, standardised on the library, unit length (and its
+    chromaticity rows as they are)."""
+    out = {m: F.normalize(_standardise(rows[m], stats[m]), dim=1) for m in MODALITIES}
+    if COLOUR in rows:
+        out[COLOUR] = rows[COLOUR]
+    return out
 
 
 def _novelties(
-    queries: dict[str, torch.Tensor], banks: dict[str, torch.Tensor]
+    queries: dict[str, torch.Tensor],
+    banks: dict[str, torch.Tensor],
+    colour_tree: cKDTree | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per check, 1 − the best cosine of each query pixel to the bank: per modality, and
     for the pairing the best *mean* of both modalities' cosines to one bank pixel (each
-    modality weighs the same, whatever its width)."""
+    modality weighs the same, whatever its width); with a ``colour_tree`` (over the bank's
+    chromaticity rows), the distance of each query pixel's chromaticity to the nearest."""
     rgb, points, pair = max_cosine_pair(
         (queries["rgb"], queries["points"]), (banks["rgb"], banks["points"])
     )
-    return {"rgb": 1.0 - rgb, "points": 1.0 - points, PAIRING: 1.0 - pair}
+    out = {"rgb": 1.0 - rgb, "points": 1.0 - points, PAIRING: 1.0 - pair}
+    if colour_tree is not None:
+        if COLOUR not in queries:
+            raise ValueError(
+                "the library check has a colour check but the scan's features carry no "
+                "colour (build them with extract_features or features_of_scans)"
+            )
+        distance, _ = colour_tree.query(queries[COLOUR].double().numpy(), k=1)
+        out[COLOUR] = torch.from_numpy(np.asarray(distance, dtype=np.float32).reshape(-1))
+    return out
 
 
 def _blurred(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -311,12 +447,26 @@ def most_varied(pieces: list, keep: int) -> list[int]:
 
 
 def build_library_gate(
-    library: FeatureSet, margin: float, max_scans: int | None = None
+    library: FeatureSet,
+    margin: float,
+    max_scans: int | None = None,
+    colour_margin: float | None = ScoringConfig.colour_gate_margin,
 ) -> LibraryGate:
     """The library check from the features of every good library scan (at least two
     different ones), cut to the ``max_scans`` most varied (:func:`most_varied`) when there
     are more. A scan whose features equal an earlier one's (the same files under two names)
-    is counted once: its twin would give it a leave-one-out peak of 0."""
+    is counted once: its twin would give it a leave-one-out peak of 0.
+
+    The colour check is built with ``colour_margin`` (None: without it) and needs the
+    scans' colour in ``library``; a library of one colour (a grey-scale camera) gets none."""
+    if colour_margin is not None:
+        if library.colour is None:
+            raise ValueError(
+                "the colour check needs the library scans' colour: build the features with "
+                "extract_features or features_of_scans (or pass colour_margin=None)"
+            )
+        if not math.isfinite(colour_margin) or colour_margin < 0:
+            raise ValueError(f"colour_margin must be a finite number >= 0, got {colour_margin}")
     if max_scans is not None and (
         isinstance(max_scans, bool) or not isinstance(max_scans, int) or max_scans < 2
     ):
@@ -335,6 +485,7 @@ def build_library_gate(
         if not (
             bool(torch.isfinite(library.rgb[i]).all())
             and bool(torch.isfinite(library.points[i]).all())
+            and (library.colour is None or bool(torch.isfinite(library.colour[i]).all()))
         ):
             raise DataError(
                 f"library scan {library.keys[i]} has non-finite features",
@@ -364,21 +515,44 @@ def build_library_gate(
         # the check is then exactly the check of the kept scans (standardised on them)
         library = library.select(most_varied(pieces, max_scans))
         stats, pieces = _library_rows(library)
-    loo: dict[str, list[float]] = {c: [] for c in CHECKS}
+    checks = CHECKS if colour_margin is not None else (*MODALITIES, PAIRING)
+    loo: dict[str, list[float]] = {c: [] for c in checks}
     for i, (rows, mask) in enumerate(pieces):
         others = {
             m: torch.cat([p[0][m] for j, p in enumerate(pieces) if j != i]) for m in MODALITIES
         }
-        for c, values in _novelties(rows, others).items():
-            loo[c].append(round(_peak(values, mask), 6))
-    limits = {c: novelty_limit(loo[c], margin) for c in CHECKS}
+        tree = None
+        if colour_margin is not None:
+            others_colour = torch.cat([p[0][COLOUR] for j, p in enumerate(pieces) if j != i])
+            tree = cKDTree(others_colour.double().numpy())
+        for c, values in _novelties(rows, others, tree).items():
+            # colour distances are small (sensor-noise scale): keep more decimals
+            loo[c].append(round(_peak(values, mask), 9 if c == COLOUR else 6))
+    if colour_margin is not None and max(loo[COLOUR]) <= 0:
+        # every library pixel has one chromaticity (a grey-scale camera): nothing to compare
+        del loo[COLOUR]
+        colour_margin = None
+    limits = {c: novelty_limit(loo[c], margin) for c in loo if c != COLOUR}
     if not all(v > 0 for v in limits.values()):
         raise NoLibraryCheck(
             "the library's good scans are too alike to calibrate on (every leave-one-out "
             "novelty is 0)"
         )
     banks = {m: torch.cat([p[0][m] for p in pieces]).half().contiguous() for m in MODALITIES}
-    return LibraryGate(banks, stats, limits, loo, list(library.keys), float(margin), smallest, size)
+    if colour_margin is not None:
+        limits[COLOUR] = novelty_limit(loo[COLOUR], colour_margin)
+        banks[COLOUR] = torch.cat([p[0][COLOUR] for p in pieces]).float().contiguous()
+    return LibraryGate(
+        banks,
+        stats,
+        limits,
+        loo,
+        list(library.keys),
+        float(margin),
+        smallest,
+        size,
+        None if colour_margin is None else float(colour_margin),
+    )
 
 
 def novelty_maps(gate: LibraryGate, features: FeatureSet, i: int = 0) -> dict[str, torch.Tensor]:
@@ -388,7 +562,8 @@ def novelty_maps(gate: LibraryGate, features: FeatureSet, i: int = 0) -> dict[st
     if not mask.any():  # nothing to compare: never passes
         return {c: torch.full(mask.shape, float("inf")) for c in gate.checks}
     out = {}
-    values = _novelties(_unit_rows(rows, gate.stats), gate.banks)
+    tree = gate.colour_tree() if COLOUR in gate.checks else None
+    values = _novelties(_unit_rows(rows, gate.stats), gate.banks, tree)
     for m in gate.checks:
         coarse = _blurred(values[m], mask)
         grid = coarse.repeat_interleave(GATE_STRIDE, 0).repeat_interleave(GATE_STRIDE, 1)
@@ -490,8 +665,13 @@ def gate_summary(model) -> str:
     gate = model.library_gate
     if gate is None:
         return "no library check (it needs 2 good library scans)"
-    limits = ", ".join(f"{LABELS[c]} <= {gate.limits[c]:.4f}" for c in gate.checks)
+    limits = ", ".join(f"{LABELS[c]} <= {gate.limits[c]:.4g}" for c in gate.checks)
     older = "" if PAIRING in gate.checks else " (no pairing check: refit to add it)"
+    if COLOUR not in gate.checks:
+        older += (
+            " (no colour check: the model predates it, or every library scan shows one "
+            "colour, as from a grey-scale camera)"
+        )
     held = f"{len(gate.scans)} good scans"
     if gate.library_size > len(gate.scans):
         held = f"the {len(gate.scans)} most varied of {gate.library_size} good scans"
