@@ -340,6 +340,7 @@ def test_gate_quarantines_without_a_rebuild_and_release_requests_one(home):
                 len(q) == 1
                 and "above the gate of deployed version 1" in q[0]["reason"]
                 and "RGB novelty" in q[0]["reason"]  # every check is named with its limit
+                and "colour novelty" in q[0]["reason"]  # the deployed gate has a colour check
                 and q[0]["name"] == "odd"
             )
             assert (
