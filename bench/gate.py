@@ -476,7 +476,8 @@ def summarise(rows: list[dict], shots: int) -> str:
             "## What the library check costs",
             "",
             "`gate.py library` on this machine (2 cores); the bank holds every 2nd "
-            "foreground pixel of the 12 library scans (float16, both modalities).",
+            "foreground pixel of the 12 library scans (float16 RGB and 3D features, float32 "
+            "chromaticity for the colour check).",
             "",
             "| category | bank rows | bank MB | build (leave-one-out) s | check s / scan |",
             "|---|---|---|---|---|",
