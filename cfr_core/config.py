@@ -214,16 +214,19 @@ class ScoringConfig:
             object.__setattr__(self, "theta", float(self.theta))
         if not 0.0 < self.theta_quantile <= 1.0:
             raise ConfigError(f"theta_quantile must be in (0, 1], got {self.theta_quantile}")
-        if (
-            min(
-                self.threshold_margin,
-                self.gate_margin,
-                self.library_gate_margin,
-                self.colour_gate_margin,
-            )
-            < 0
+        for name in (
+            "threshold_margin",
+            "gate_margin",
+            "library_gate_margin",
+            "colour_gate_margin",
         ):
-            raise ConfigError("threshold and gate margins must be >= 0")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(
+                    f"threshold and gate margins must be finite and >= 0, got {name}={value!r}"
+                )
         if (
             isinstance(self.library_gate_scans, bool)
             or not isinstance(self.library_gate_scans, int)

@@ -459,11 +459,10 @@ def test_the_colour_the_gate_reads_is_the_same_at_fit_and_at_the_landing(synth_r
     ex = build_extractors(EXTRACTORS)
     pre = FitConfig().preprocess
     sample = library_samples(synth_root, "candy")[0]
-    cached = extract_features([sample], ex, pre, cache)
-    again = extract_features([sample], ex, pre, cache)  # now from the cache
+    extract_features([sample], ex, pre, cache)
+    cached = extract_features([sample], ex, pre, cache)  # the features now from the cache
     landing = features_of_scans([prepare_sample(sample, pre)], ex)
     assert cached.colour.shape == (1, 3, GRID, GRID) and cached.colour.dtype == torch.float32
-    assert torch.equal(cached.colour, again.colour)
     assert torch.equal(cached.colour, landing.colour)
     # the part's own colour: candy is one saturated colour, far from grey
     part = cached.colour[0][:, cached.foreground[0]]
@@ -477,6 +476,12 @@ def test_a_grey_scale_library_gets_no_colour_check_and_says_so(fitted, dome, tmp
     grey = replace(lib, colour=lib.colour.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1))
     gate = build_library_gate(grey, margin=0.1)
     assert COLOUR not in gate.checks and gate.colour_margin is None
+    # uniform grey levels: float32 rounding alone gives their chromaticities ~1e-8 apart, so
+    # a check calibrated on them would hold every other grey level
+    levels = torch.tensor([3.0, 32.0, 56.0, 70.0, 80.0, 200.0]) / 255
+    flat = levels[torch.arange(len(lib)) % len(levels)].view(-1, 1, 1, 1)
+    uniform = replace(lib, colour=flat.expand(-1, 3, GRID, GRID).contiguous())
+    assert COLOUR not in build_library_gate(uniform, margin=0.1).checks
     model = replace(fitted, library_gate=gate)
     assert "no colour check" in gate_summary(model) and "grey-scale" in gate_summary(model)
     save_model(model, tmp_path / "grey")
@@ -490,6 +495,12 @@ def test_a_grey_scale_library_gets_no_colour_check_and_says_so(fitted, dome, tmp
         build_library_gate(lib, margin=0.1, colour_margin=-1.0)
     with pytest.raises(ValueError, match="carry no colour"):
         novelty_peaks(fitted.library_gate, replace(dome["test"], colour=None))
+    from cfr_core.config import ScoringConfig
+    from cfr_core.errors import ConfigError
+
+    for bad in (float("nan"), float("inf"), True, None, "1", -0.1):
+        with pytest.raises(ConfigError, match="colour_gate_margin"):
+            ScoringConfig(colour_gate_margin=bad)
 
 
 def test_a_model_saved_before_the_colour_check_keeps_its_three_checks(fitted, dome):
@@ -540,6 +551,10 @@ def test_a_hand_edited_colour_check_is_refused(fitted):
         loo_peaks={**gate_meta["loo_peaks"], COLOUR: [5.0] * len(gate_meta["scans"])},
         limits={**gate_meta["limits"], COLOUR: 10.0},
     )
+    # a limit no colour distance can reach (margin and limit consistent with each other)
+    huge = {**gate_meta["colour"], "margin": 1e12}
+    top = max(gate_meta["loo_peaks"][COLOUR]) * (1 + 1e12)
+    refused("must be in", colour=huge, limits={**gate_meta["limits"], COLOUR: top})
     refused("float32 rows", tensors={"gate.colour": bank.half()})
     refused("float32 rows", tensors={"gate.colour": bank[:-1]})
     refused("outside", tensors={"gate.colour": bank + 2.0})
@@ -547,3 +562,16 @@ def test_a_hand_edited_colour_check_is_refused(fitted):
     without = {k: v for k, v in fitted.tensors().items() if k != "gate.colour"}
     with pytest.raises(ValueError, match="no gate.colour tensor"):
         model_from_parts(meta, without)
+
+
+def test_a_gate_copied_with_another_colour_bank_searches_that_bank(fitted, dome):
+    """The nearest-colour search is built once per gate; a copy with another colour bank
+    (dataclasses.replace) must search its own bank, not the original's."""
+    from cfr_core.engine.gate import COLOUR
+
+    gate = fitted.library_gate
+    good = dome["test"].select([dome["labels"].index(0)])
+    before = novelty_peaks(gate, good)[0][COLOUR]  # builds the original's search
+    swapped = replace(gate, banks={**gate.banks, COLOUR: torch.full_like(gate.banks[COLOUR], 0.9)})
+    assert novelty_peaks(swapped, good)[0][COLOUR] > 100 * before
+    assert novelty_peaks(gate, good)[0][COLOUR] == before

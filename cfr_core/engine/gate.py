@@ -35,7 +35,7 @@ library** (the pool the shots are drawn from, plus validation scans; up to
   tightening as the library grows (bench/results/gate_scale.md).
 
 A scan enters the library only when its model score is within the model's gate
-threshold, the three novelty peaks are within their limits *and* it has at least half
+threshold, the four novelty peaks are within their limits *and* it has at least half
 the foreground of the smallest library scan (:func:`gate_decision`).
 Stride, blur, the checks and the margins were chosen on the development
 categories (bench/gate.py, bench/results/gate.md). Needs at least two library
@@ -90,6 +90,10 @@ COLOUR_SPACE = "rg chromaticity"
 DARK_FLOOR = 0.05
 #: colour novelty is a distance in chromaticity: at most sqrt(2) between two points of [0, 1]²
 _MAX_COLOUR_DISTANCE = math.sqrt(2.0)
+#: a library whose highest leave-one-out colour novelty is below this shows one colour:
+#: float32 rounding alone moves a grey pixel's chromaticity by ~6e-8, and a limit at that
+#: scale would quarantine scans for rounding (the benchmark's lowest limit is ~1e-4)
+ONE_COLOUR_SPREAD = 1e-6
 FOREGROUND_CHECK = "foreground missing"
 
 
@@ -111,7 +115,9 @@ class LibraryGate:
     min_foreground: int  # sampled foreground pixels of the library's smallest scan
     library_size: int = 0  # different good scans offered (more than ``scans`` when cut)
     colour_margin: float | None = None  # None: no colour check
-    _colour_tree: cKDTree | None = field(default=None, repr=False, compare=False)
+    # built on first use; not an init field, so dataclasses.replace() never carries a tree
+    # that belongs to another colour bank
+    _colour_tree: cKDTree | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.library_size = max(self.library_size, len(self.scans))
@@ -124,8 +130,9 @@ class LibraryGate:
 
     @property
     def checks(self) -> tuple[str, ...]:
-        """The checks this gate holds: CHECKS (RGB and 3D only in a model saved before
-        the pairing check existed)."""
+        """The checks this gate holds: CHECKS, less the pairing check in a model saved
+        before it existed and the colour check in one saved before it existed or built on
+        a library of one colour."""
         return tuple(c for c in CHECKS if c in self.limits)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -167,9 +174,11 @@ class LibraryGate:
         """The gate of a saved model, or None (no library check was built for it).
 
         Everything is checked, because a hand-edited gate must not pass every scan:
-        limits are numbers in (0, 2] (novelty is 1 − a cosine) equal to the stored
-        leave-one-out peaks × (1 + margin), banks are finite float rows of the model's
-        feature ``dims``, each with its (mean, std) standardisation."""
+        limits are numbers in (0, 2] (novelty is 1 − a cosine; the colour check's in
+        (0, √2], a distance between chromaticities) equal to the stored leave-one-out
+        peaks × (1 + their margin), banks are finite float rows of the model's feature
+        ``dims``, each with its (mean, std) standardisation, and the colour bank float32
+        chromaticity rows in [0, 1], one per library pixel, of this code's colour space."""
         if meta is None:
             if any(k.startswith("gate.") for k in tensors):
                 raise ValueError("gate tensors without library_gate in model.json")
@@ -218,10 +227,12 @@ class LibraryGate:
             ]
             if m == COLOUR:  # a distance in chromaticity, limited by its own margin
                 top, m_margin = _MAX_COLOUR_DISTANCE, colour_margin
-                if not all(0 <= x <= top for x in loo[m]) or not limits[m] > 0:
+                # no two chromaticities are farther apart than sqrt(2): a higher limit (or
+                # one of 0) could never be exceeded (or always would be)
+                if not all(0 <= x <= top for x in loo[m]) or not 0 < limits[m] <= top:
                     raise ValueError(
-                        f"library_gate colour peaks must be in [0, {top:.4f}] with a limit "
-                        f"above 0, got a limit of {limits[m]}"
+                        f"library_gate colour peaks and limit must be in [0, {top:.4f}] "
+                        f"(the limit above 0), got a limit of {limits[m]}"
                     )
             else:  # novelty is 1 − a cosine
                 m_margin = margin
@@ -446,6 +457,12 @@ def most_varied(pieces: list, keep: int) -> list[int]:
     return sorted(kept)
 
 
+def _grey(colour: torch.Tensor) -> bool:
+    """Whether every pixel of these B×3×G×G colour maps has r = g = b (a grey-scale image,
+    converted to RGB, stays exactly so through the area average)."""
+    return bool(torch.equal(colour[:, 0], colour[:, 1]) and torch.equal(colour[:, 1], colour[:, 2]))
+
+
 def build_library_gate(
     library: FeatureSet,
     margin: float,
@@ -528,7 +545,9 @@ def build_library_gate(
         for c, values in _novelties(rows, others, tree).items():
             # colour distances are small (sensor-noise scale): keep more decimals
             loo[c].append(round(_peak(values, mask), 9 if c == COLOUR else 6))
-    if colour_margin is not None and max(loo[COLOUR]) <= 0:
+    if colour_margin is not None and (
+        _grey(library.colour) or max(loo[COLOUR]) < ONE_COLOUR_SPREAD
+    ):
         # every library pixel has one chromaticity (a grey-scale camera): nothing to compare
         del loo[COLOUR]
         colour_margin = None
@@ -637,7 +656,8 @@ def gate_heatmap(decision: GateDecision, scanned) -> tuple[np.ndarray, str]:
 def gate_decision(model, score: float, features: FeatureSet) -> GateDecision:
     """The quality gate on one scan: the model's score against its gate threshold and,
     when the model holds a library check, the scan's foreground and its novelty per
-    modality and of the RGB-3D pairing against their limits. A model without a
+    modality, of the RGB-3D pairing and of its own colour against their limits. A model
+    without a
     threshold cannot gate (it fails closed: an error, never a pass)."""
     limit = model.gate_threshold if model.gate_threshold is not None else model.threshold
     if limit is None:
