@@ -137,12 +137,14 @@ def test_cache_gives_identical_features(synth_root, cache, tmp_path):
     warm_cache = FeatureCache(tmp_path / "c")
     first = extract_features(samples, ex, cfg.preprocess, warm_cache)
     second = extract_features(samples, ex, cfg.preprocess, warm_cache)
-    assert len(list((tmp_path / "c").rglob("*.safetensors"))) == 6
+    # per sample: both extractors' features and the shape map (the gate's shape check)
+    assert len(list((tmp_path / "c").rglob("*.safetensors"))) == 9
     for a, b in ((cold, first), (first, second)):
         assert (
             torch.equal(a.rgb, b.rgb)
             and torch.equal(a.points, b.points)
             and torch.equal(a.masks, b.masks)
+            and torch.equal(a.shape.nan_to_num(nan=-1.0), b.shape.nan_to_num(nan=-1.0))
         )
     assert (
         cold.masks[1].any() and not cold.masks[2].any()

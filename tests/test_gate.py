@@ -312,7 +312,7 @@ def test_a_model_saved_before_the_pairing_check_keeps_its_two_checks(fitted, dom
     for key in ("limits", "loo_peaks"):
         del meta["library_gate"][key][PAIRING]
     older = model_from_parts(meta, fitted.tensors())
-    assert older.library_gate.checks == (*MODALITIES, "colour")
+    assert older.library_gate.checks == (*MODALITIES, "colour", "shape")
     assert "refit to add it" in gate_summary(older)
     decision = gate_decision(older, 0.0, dome["ribbed"])
     assert "RGB-3D pairing novelty" not in decision.checks
@@ -515,7 +515,7 @@ def test_a_model_saved_before_the_colour_check_keeps_its_three_checks(fitted, do
     del meta["library_gate"]["colour"]
     tensors = {k: v for k, v in fitted.tensors().items() if k != "gate.colour"}
     older = model_from_parts(meta, tensors)
-    assert older.library_gate.checks == (*MODALITIES, PAIRING)
+    assert older.library_gate.checks == (*MODALITIES, PAIRING, "shape")
     assert "no colour check" in gate_summary(older)
     assert "colour novelty" not in gate_decision(older, 0.0, dome["ribbed"]).checks
     # the colour bank left behind without its limit is refused, not ignored
@@ -575,3 +575,217 @@ def test_a_gate_copied_with_another_colour_bank_searches_that_bank(fitted, dome)
     swapped = replace(gate, banks={**gate.banks, COLOUR: torch.full_like(gate.banks[COLOUR], 0.9)})
     assert novelty_peaks(swapped, good)[0][COLOUR] > 100 * before
     assert novelty_peaks(gate, good)[0][COLOUR] == before
+
+
+# --------------------------------------------------------------------------- shape check
+
+
+def _dented(sample, depth_mm: float, sigma_mm: float = 3.0, tilt_deg: float = 0.0):
+    """The sample's prepared scan with a smooth dent (or bump, depth < 0) pressed into its
+    cloud at the middle of the part, the colour image untouched; optionally the whole cloud
+    tilted by ``tilt_deg`` about the image's vertical axis (a part lying a little askew)."""
+    import numpy as np
+
+    from cfr_core.data.prepare import prepare_arrays
+
+    rgb, xyz, _ = sample.load()
+    xyz = xyz.astype(np.float64)
+    valid = np.abs(xyz).sum(-1) > 0
+    rows, cols = np.nonzero(valid)
+    cy, cx = np.median(rows), np.median(cols)
+    pitch = float(np.median(np.abs(np.diff(xyz[..., 0], axis=1))[valid[:, 1:] & valid[:, :-1]]))
+    r, c = np.mgrid[0 : xyz.shape[0], 0 : xyz.shape[1]]
+    d2 = ((r - cy) ** 2 + (c - cx) ** 2) * pitch**2
+    xyz[..., 2] += depth_mm / 1000 * np.exp(-0.5 * d2 / (sigma_mm / 1000) ** 2) * valid
+    if tilt_deg:
+        a = np.deg2rad(tilt_deg)
+        centre = xyz[valid].mean(0)
+        rot = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+        xyz[valid] = (xyz[valid] - centre) @ rot.T + centre
+    return prepare_arrays(rgb, xyz.astype(np.float32), None, FitConfig().preprocess, sample.key)
+
+
+def test_a_dent_is_stopped_by_the_shape_check_and_a_tilted_good_part_is_not(fitted, synth_root):
+    """Press a 3 mm dent into a good dome scan's cloud (the colour untouched): the shape
+    check stops it, its map is what the quarantine shows; the same scan unchanged or
+    tilted 4° passes it (curvature does not depend on how the part lies)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from cfr_core.engine.features import features_of_scans
+    from cfr_core.engine.gate import LABELS, SHAPE, gate_heatmap
+
+    gate = fitted.library_gate
+    assert SHAPE in gate.checks and gate.shape_margin == 2.0
+    assert gate.limits[SHAPE] == pytest.approx(max(gate.loo_peaks[SHAPE]) * 3.0)
+    ex = build_extractors(EXTRACTORS)
+    good = next(s for s in index_category(synth_root, "dome").split("test") if s.label == 0)
+    peak = {}
+    for name, depth, tilt in (("good", 0.0, 0.0), ("tilted", 0.0, 4.0), ("dent", 3.0, 0.0)):
+        feats = features_of_scans([_dented(good, depth, tilt_deg=tilt)], ex, [name])
+        peak[name] = novelty_peaks(gate, feats)[0][SHAPE]
+        if name == "dent":
+            decision = gate_decision(fitted, 0.0, feats)
+    assert peak["good"] <= gate.limits[SHAPE] and peak["tilted"] <= gate.limits[SHAPE]
+    # the dent is far outside what the good scan (as it is or tilted) shows
+    assert peak["dent"] > 1.5 * gate.limits[SHAPE] and peak["dent"] > 10 * peak["tilted"]
+    assert LABELS[SHAPE] in decision.failed()
+    scanned = SimpleNamespace(scan=SimpleNamespace(rgb=np.full((GRID, GRID, 3), 128, np.uint8)))
+    first = decision.failed()[0]
+    _, caption = gate_heatmap(decision, scanned)
+    assert caption.startswith(first)
+
+
+def test_shape_maps_read_the_curvature_of_known_surfaces_and_skip_what_they_cannot_tell():
+    """A sphere of radius 40 mm gives both curvatures 1/40 per mm; a tilted plane 0; a hole
+    leaves NaN around it (never the huge curvature that reading missing points as depth 0
+    would give); a cloud of isolated points or of nothing gives NaN everywhere."""
+    import numpy as np
+
+    from cfr_core.engine.surface import shape_grid
+
+    n, pitch = 160, 0.0003  # 48 mm at 0.3 mm per point
+    y, x = (np.mgrid[0:n, 0:n] - (n - 1) / 2) * pitch
+    radius = 0.040
+    sphere = np.stack([x, y, 0.5 - np.sqrt(radius**2 - x**2 - y**2)], -1)
+    curv = shape_grid(sphere, 32)
+    middle = curv[:, 8:24, 8:24]
+    assert torch.isfinite(middle).all()
+    assert middle.abs().mean(dim=(1, 2)).tolist() == pytest.approx([1 / 40, 1 / 40], rel=0.05)
+    assert torch.isnan(curv[:, 0, 0]).all()  # the edge of the cloud: half its support missing
+    plane = np.stack([x, y, 0.5 + 0.2 * x + 0.1 * y], -1)
+    assert shape_grid(plane, 32)[:, 8:24, 8:24].abs().max() < 1e-3
+    holed = sphere.copy()
+    holed[70:90, 70:90] = 0.0
+    with_hole = shape_grid(holed, 32)
+    assert torch.isnan(with_hole[:, 16, 16]).all()
+    known = with_hole[torch.isfinite(with_hole)]
+    assert known.abs().max() < 0.05  # no cell reads the hole as a cliff
+    sparse = np.zeros_like(sphere)
+    sparse[::7, ::7] = sphere[::7, ::7]
+    assert torch.isnan(shape_grid(sparse, 32)).all()
+    assert torch.isnan(shape_grid(np.zeros_like(sphere), 32)).all()
+    with pytest.raises(ValueError, match="H×W×3"):
+        shape_grid(sphere[..., :2], 32)
+
+
+def test_the_shape_the_gate_reads_is_the_same_at_fit_and_at_the_landing(synth_root, tmp_path):
+    """extract_features (computed, then from the cache) and features_of_scans (a landing
+    scan) give the same shape map; a cache entry of another grid is recomputed."""
+    from cfr_core.data.prepare import prepare_sample
+    from cfr_core.engine.features import features_of_scans
+
+    ex = build_extractors(EXTRACTORS)
+    pre = FitConfig().preprocess
+    store = FeatureCache(tmp_path / "cache")
+    sample = library_samples(synth_root, "dome")[0]
+    fresh = extract_features([sample], ex, pre, store)
+    cached = extract_features([sample], ex, pre, store)
+    landing = features_of_scans([prepare_sample(sample, pre)], ex)
+    assert cached.shape.shape == (1, 2, GRID, GRID) and cached.shape.dtype == torch.float32
+    for other in (fresh, landing):
+        assert torch.equal(cached.shape.isnan(), other.shape.isnan())
+        assert torch.equal(cached.shape.nan_to_num(), other.shape.nan_to_num())
+    part = cached.shape[0][:, cached.foreground[0]]
+    # the dome's middle has a curvature; its outline and steep walls have none (at this
+    # 96-pixel test size the outline's 4 mm band is a large share of a small part)
+    assert torch.isfinite(part).float().mean() > 0.15
+    middle = cached.shape[0][:, _centre_disk(cached, radius=2)]
+    assert torch.isfinite(middle).float().mean() > 0.5  # a lone missing point skips its cells
+    # a damaged cache entry of the wrong size is not trusted
+    for path in (tmp_path / "cache").rglob("*.safetensors"):
+        from safetensors.torch import load_file, save_file
+
+        if load_file(path)["features"].shape == (2, GRID, GRID):
+            save_file({"features": torch.zeros(2, 4, 4)}, str(path))
+    again = extract_features([sample], ex, pre, store)
+    assert torch.equal(again.shape.nan_to_num(), cached.shape.nan_to_num())
+
+
+def test_a_library_without_curvature_gets_no_shape_check_and_older_models_keep_theirs(
+    fitted, dome, tmp_path
+):
+    import json
+
+    from cfr_core.config import ScoringConfig
+    from cfr_core.engine.gate import PAIRING, SHAPE, gate_summary
+    from cfr_core.errors import ConfigError
+    from cfr_core.io.artifacts import model_from_parts, model_metadata
+
+    lib = dome["library"]
+    blind = replace(lib, shape=torch.full_like(lib.shape, float("nan")))
+    gate = build_library_gate(blind, margin=0.1)
+    assert SHAPE not in gate.checks and gate.shape_margin is None
+    model = replace(fitted, library_gate=gate)
+    assert "no shape check" in gate_summary(model)
+    save_model(model, tmp_path / "blind")
+    assert SHAPE not in load_model(tmp_path / "blind").library_gate.checks
+    with pytest.raises(ValueError, match="needs the library scans' shape"):
+        build_library_gate(replace(lib, shape=None), margin=0.1)
+    assert SHAPE not in build_library_gate(lib, margin=0.1, shape_margin=None).checks
+    with pytest.raises(ValueError, match="shape_margin must be"):
+        build_library_gate(lib, margin=0.1, shape_margin=float("nan"))
+    with pytest.raises(ValueError, match="carry no shape"):
+        novelty_peaks(fitted.library_gate, replace(dome["test"], shape=None))
+    for bad in (float("nan"), float("inf"), True, None, "1", -0.1):
+        with pytest.raises(ConfigError, match="shape_gate_margin"):
+            ScoringConfig(shape_gate_margin=bad)
+    # a model saved before the shape check: its four checks, and the summary says why
+    meta = json.loads(json.dumps(model_metadata(fitted)))
+    for key in ("limits", "loo_peaks"):
+        del meta["library_gate"][key][SHAPE]
+    del meta["library_gate"]["shape"]
+    tensors = {k: v for k, v in fitted.tensors().items() if k != "gate.shape"}
+    older = model_from_parts(meta, tensors)
+    assert older.library_gate.checks == (*MODALITIES, PAIRING, "colour")
+    assert "no shape check" in gate_summary(older)
+    assert "3D shape novelty" not in gate_decision(older, 0.0, dome["ribbed"]).checks
+    with pytest.raises(ValueError, match="without a shape limit"):
+        model_from_parts(meta, fitted.tensors())
+
+
+def test_a_hand_edited_shape_check_is_refused(fitted, dome):
+    import json
+
+    from cfr_core.engine.gate import SHAPE
+    from cfr_core.io.artifacts import model_from_parts, model_metadata
+
+    meta = json.loads(json.dumps(model_metadata(fitted)))
+    gate_meta = meta["library_gate"]
+    bank = fitted.tensors()["gate.shape"]
+    spec = gate_meta["shape"]
+
+    def refused(match, tensors=None, **changes):
+        edited = {**meta, "library_gate": {**gate_meta, **changes}}
+        with pytest.raises(ValueError, match=match):
+            model_from_parts(edited, {**fitted.tensors(), **(tensors or {})})
+
+    limit = gate_meta["limits"][SHAPE]
+    refused("leave-one-out peaks", limits={**gate_meta["limits"], SHAPE: limit * 3})
+    refused("leave-one-out peaks", shape={**spec, "margin": 9.0})
+    refused("another descriptor", shape={**spec, "scale_mm": 3.0})
+    refused("another descriptor", shape={**spec, "support": 0.5})
+    refused("another descriptor", shape={**spec, "descriptor": "normals"})
+    refused("another descriptor", shape={**spec, "version": 1})
+    refused("shape margin must be >= 0", shape={**spec, "margin": -0.5})
+    refused("finite number", shape={**spec, "margin": "1"})
+    refused("without its shape settings", shape=None)
+    huge = {**spec, "margin": 1e12}
+    top = max(gate_meta["loo_peaks"][SHAPE]) * (1 + 1e12)
+    refused("must be in", shape=huge, limits={**gate_meta["limits"], SHAPE: top})
+    refused("float32 rows", tensors={"gate.shape": bank.half()})
+    refused("float32 rows", tensors={"gate.shape": bank[:, :1]})
+    refused("float32 rows", tensors={"gate.shape": bank[:0]})
+    refused("non-finite", tensors={"gate.shape": torch.full_like(bank, float("nan"))})
+    refused("first is not the larger", tensors={"gate.shape": bank.flip(1) - 1.0})
+    without = {k: v for k, v in fitted.tensors().items() if k != "gate.shape"}
+    with pytest.raises(ValueError, match="no gate.shape tensor"):
+        model_from_parts(meta, without)
+    # a copy with another shape bank searches that bank, not the original's
+    gate = fitted.library_gate
+    good = dome["test"].select([dome["labels"].index(0)])
+    before = novelty_peaks(gate, good)[0][SHAPE]
+    swapped = replace(gate, banks={**gate.banks, SHAPE: torch.full_like(gate.banks[SHAPE], 5.0)})
+    assert novelty_peaks(swapped, good)[0][SHAPE] > 10 * max(before, 1e-3)
+    assert novelty_peaks(gate, good)[0][SHAPE] == before

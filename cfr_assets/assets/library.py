@@ -47,7 +47,8 @@ Each new pair is validated, then passes the deployed model's **quality gate**:
 its score against the model's gate threshold and, when the model holds a library
 check, its foreground and its novelty against the good library scans (up to the
 24 most varied): RGB, 3D and their pairing (each modality can look good while the
-pair does not), and the scan's own colour (a stain in a colour no good part shows).
+pair does not), the scan's own colour (a stain in a colour no good part shows) and
+its surface's curvature over 2 mm (a dent or bump no good part shows).
 A scan that fails any check goes to the quarantine with the failed checks and a
 heatmap (a person releases it with `cfr shots release`); the others are copied
 into the content-addressed library. Bad files are reported, never silently skipped. The

@@ -25,9 +25,20 @@ from cfr_core.data.io import atomic_path, sha256_file
 from cfr_core.data.mvtec import Sample
 from cfr_core.data.pointcloud import PreprocessConfig, pad_to_square, resize_nearest
 from cfr_core.data.prepare import PreparedScan, prepare_sample
+from cfr_core.engine.surface import (
+    SHAPE_DESCRIPTOR,
+    SHAPE_SCALE_MM,
+    SHAPE_SUPPORT,
+    SHAPE_VERSION,
+    shape_grid,
+)
 from cfr_core.features.base import Extractor, create_extractor
 
 log = logging.getLogger(__name__)
+
+#: the feature cache's name for the shape maps (a changed setting never reuses an entry)
+#: SHAPE_VERSION counts changes to how the maps are computed (an older entry is not reused)
+SHAPE_ID = f"shape v{SHAPE_VERSION}:{SHAPE_DESCRIPTOR}:{SHAPE_SCALE_MM}mm:{SHAPE_SUPPORT}"
 
 
 @dataclass
@@ -41,6 +52,9 @@ class FeatureSet:
     # B×3×G×G: the scan's own colour (RGB in [0, 1], area-averaged onto the grid), which the
     # quality gate's colour check reads (None where a caller built features without it)
     colour: torch.Tensor | None = None
+    # B×2×G×G: the surface's principal curvatures (1/mm; NaN where the cloud cannot tell,
+    # :mod:`cfr_core.engine.surface`), which the quality gate's shape check reads
+    shape: torch.Tensor | None = None
 
     @property
     def foreground(self) -> torch.Tensor:
@@ -53,8 +67,9 @@ class FeatureSet:
     def select(self, idx: Sequence[int]) -> FeatureSet:
         i = list(idx)
         colour = None if self.colour is None else self.colour[i]
+        shape = None if self.shape is None else self.shape[i]
         return FeatureSet(
-            self.rgb[i], self.points[i], self.masks[i], [self.keys[j] for j in i], colour
+            self.rgb[i], self.points[i], self.masks[i], [self.keys[j] for j in i], colour, shape
         )
 
 
@@ -80,11 +95,13 @@ class FeatureCache:
         return sha256_file(sample.rgb_path), sha256_file(sample.xyz_path)
 
     def key(
-        self, files: tuple[str, str], extractor: Extractor, preprocess: PreprocessConfig
+        self, files: tuple[str, str], extractor: Extractor | str, preprocess: PreprocessConfig
     ) -> str:
+        """The entry of one extractor's features of the files (or, for a string, of what
+        that string names, such as :data:`SHAPE_ID`)."""
         blob = json.dumps(
             {
-                "extractor": extractor.lineage_id,
+                "extractor": extractor if isinstance(extractor, str) else extractor.lineage_id,
                 "preprocess": asdict(preprocess),
                 "rgb": files[0],
                 "xyz": files[1],
@@ -144,8 +161,9 @@ def features_of_scans(
     pts = pts_ex(list(scans)).detach().cpu().half().float()
     masks = torch.stack([torch.from_numpy(resize_nearest(s.mask, rgb_ex.grid)) for s in scans])
     colour = torch.stack([colour_grid(s.rgb, rgb_ex.grid) for s in scans])
+    shape = torch.stack([shape_grid(s.xyz, rgb_ex.grid) for s in scans])
     names = list(keys) if keys is not None else [s.key for s in scans]
-    return FeatureSet(rgb, pts, masks, names, colour)
+    return FeatureSet(rgb, pts, masks, names, colour, shape)
 
 
 def extract_features(
@@ -161,15 +179,21 @@ def extract_features(
     grid = rgb_ex.grid
     rgb_maps: list[torch.Tensor | None] = [None] * len(samples)
     pts_maps: list[torch.Tensor | None] = [None] * len(samples)
+    shape_maps: list[torch.Tensor | None] = [None] * len(samples)
     keys: dict[tuple[int, int], str] = {}
     todo = []
     for i, sample in enumerate(samples):
         if cache is not None:
             files = cache.file_hashes(sample)
-            for m, (ex, store) in enumerate(((rgb_ex, rgb_maps), (pts_ex, pts_maps))):
+            for m, (ex, store) in enumerate(
+                ((rgb_ex, rgb_maps), (pts_ex, pts_maps), (f"{SHAPE_ID}:grid {grid}", shape_maps))
+            ):
                 keys[i, m] = cache.key(files, ex, preprocess)
                 store[i] = cache.get(keys[i, m])
-        if rgb_maps[i] is None or pts_maps[i] is None:
+            cached = shape_maps[i]
+            if cached is not None and tuple(cached.shape) != (2, grid, grid):
+                shape_maps[i] = None  # not this grid's map: recomputed, never trusted
+        if rgb_maps[i] is None or pts_maps[i] is None or shape_maps[i] is None:
             todo.append(i)
     done = len(samples) - len(todo)
     for s in range(0, len(todo), batch_size):
@@ -188,6 +212,11 @@ def extract_features(
                 store[chunk[j]] = feat
                 if cache is not None:
                     cache.put(keys[chunk[j], m], feat)
+        for j, i in enumerate(chunk):
+            if shape_maps[i] is None:
+                shape_maps[i] = shape_grid(scans[j].xyz, grid)
+                if cache is not None:
+                    cache.put(keys[i, 2], shape_maps[i])
         done += len(chunk)
         if progress is not None:
             progress(done, len(samples))
@@ -197,4 +226,5 @@ def extract_features(
         masks=torch.stack([grid_mask(s, preprocess, grid) for s in samples]),
         keys=[s.key for s in samples],
         colour=torch.stack([_sample_colour(s, preprocess, grid) for s in samples]),
+        shape=torch.stack([m.float() for m in shape_maps]),
     )

@@ -289,6 +289,7 @@ def attach_library_gate(model: FittedModel, library: FeatureSet) -> str:
             scoring.library_gate_margin,
             scoring.library_gate_scans,
             colour_margin=scoring.colour_gate_margin,
+            shape_margin=scoring.shape_gate_margin,
         )
     except NoLibraryCheck as exc:
         model.library_gate = None

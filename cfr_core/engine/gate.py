@@ -22,10 +22,18 @@ library** (the pool the shots are drawn from, plus validation scans; up to
   same way; its peak. A stain in a colour no good scan shows can sit on a busy print
   whose deep features vary from part to part anyway (speckled's chips): the deep
   RGB check then allows it, the colour check does not.
+* Its **shape novelty**: the distance of each sampled pixel's principal curvatures
+  (the depth smoothed over 2 mm, :mod:`cfr_core.engine.surface`) to the nearest
+  curvatures of any library pixel, blurred the same way; its peak. A dent a few
+  millimetres across bends the surface far more than a good part does at that scale,
+  while the 3D features, which compare normals a few points apart, see it as little
+  more than the scanner's noise (a dent on a flat plate). Pixels where the cloud
+  cannot tell (holes, shadows at steep walls, the outline) are skipped.
 * Its **limits**: each library scan's peak against the bank of the *other*
   library scans (leave-one-out: a good scan the bank has not seen), the highest
   of them × (1 + ``ScoringConfig.library_gate_margin``), one margin for the three
-  feature checks; × (1 + ``ScoringConfig.colour_gate_margin``) for the colour check.
+  feature checks; × (1 + ``ScoringConfig.colour_gate_margin``) for the colour check
+  and × (1 + ``ScoringConfig.shape_gate_margin``) for the shape check.
 * A library larger than ``ScoringConfig.library_gate_scans`` is cut to that many
   scans, the **most varied** ones (:func:`most_varied`): each next scan is the one
   least like those already kept. Without the cut the bank and each landing check
@@ -35,14 +43,15 @@ library** (the pool the shots are drawn from, plus validation scans; up to
   tightening as the library grows (bench/results/gate_scale.md).
 
 A scan enters the library only when its model score is within the model's gate
-threshold, the four novelty peaks are within their limits *and* it has at least half
+threshold, the five novelty peaks are within their limits *and* it has at least half
 the foreground of the smallest library scan (:func:`gate_decision`).
 Stride, blur, the checks and the margins were chosen on the development
 categories (bench/gate.py, bench/results/gate.md). Needs at least two library
 scans (leave-one-out); with fewer the gate uses the model's score alone. A model
-saved before the pairing or the colour check existed keeps the checks it has. A
-library whose scans all show one colour (a grey-scale camera: every pixel has the
-same chromaticity) gets no colour check, and says so.
+saved before the pairing, the colour or the shape check existed keeps the checks it
+has. A library whose scans all show one colour (a grey-scale camera: every pixel has
+the same chromaticity) gets no colour check, and one whose clouds cannot tell a
+curvature anywhere (too sparse or full of holes) gets no shape check; both say so.
 """
 
 from __future__ import annotations
@@ -59,6 +68,12 @@ from scipy.spatial import cKDTree
 
 from cfr_core.config import ScoringConfig
 from cfr_core.engine.features import FeatureSet
+from cfr_core.engine.surface import (
+    SHAPE_DESCRIPTOR,
+    SHAPE_SCALE_MM,
+    SHAPE_SUPPORT,
+    SHAPE_VERSION,
+)
 from cfr_core.errors import CFRError, DataError, finite_number
 from cfr_core.memory import max_cosine_pair
 from cfr_core.scoring.maps import box_blur
@@ -75,13 +90,16 @@ GATE_BLUR = ((5, 5),)
 MODALITIES = ("rgb", "points")
 PAIRING = "pairing"
 COLOUR = "colour"
-#: the library's checks: one per modality, both modalities together, and the raw colour
-CHECKS = (*MODALITIES, PAIRING, COLOUR)
+SHAPE = "shape"
+#: the library's checks: one per modality, both modalities together, the raw colour and
+#: the surface's shape
+CHECKS = (*MODALITIES, PAIRING, COLOUR, SHAPE)
 LABELS = {
     "rgb": "RGB novelty",
     "points": "3D novelty",
     PAIRING: "RGB-3D pairing novelty",
     COLOUR: "colour novelty",
+    SHAPE: "3D shape novelty",
 }
 #: the colour check's space: (r + f, g + f) / (r + g + b + 3f) of the grid-averaged colour
 #: in [0, 1]; the floor f keeps the hue of near-black pixels (mostly sensor noise) close
@@ -94,6 +112,10 @@ _MAX_COLOUR_DISTANCE = math.sqrt(2.0)
 #: float32 rounding alone moves a grey pixel's chromaticity by ~6e-8, and a limit at that
 #: scale would quarantine scans for rounding (the benchmark's lowest limit is ~1e-4)
 ONE_COLOUR_SPREAD = 1e-6
+#: shape novelty is a distance between curvature pairs (1/mm); a limit above this could never
+#: be exceeded (a curvature of 100/mm is a radius of 0.01 mm, which a surface smoothed over
+#: 2 mm cannot show; the development limits are 0.01-0.2)
+_MAX_SHAPE_DISTANCE = 100.0
 FOREGROUND_CHECK = "foreground missing"
 
 
@@ -105,7 +127,8 @@ class NoLibraryCheck(CFRError, ValueError):
 class LibraryGate:
     """Banks, standardisation and limits of the library check (saved with the model)."""
 
-    # modality -> N×C standardised unit rows (float16); COLOUR -> N×2 chromaticity (float32)
+    # modality -> N×C standardised unit rows (float16); COLOUR -> N×2 chromaticity (float32);
+    # SHAPE -> M×2 principal curvatures (float32) of the library pixels that have them
     banks: dict[str, torch.Tensor]
     stats: dict[str, torch.Tensor]  # modality -> 2×C (mean, std)
     limits: dict[str, float]  # check (CHECKS) -> novelty peak limit
@@ -115,9 +138,11 @@ class LibraryGate:
     min_foreground: int  # sampled foreground pixels of the library's smallest scan
     library_size: int = 0  # different good scans offered (more than ``scans`` when cut)
     colour_margin: float | None = None  # None: no colour check
-    # built on first use; not an init field, so dataclasses.replace() never carries a tree
-    # that belongs to another colour bank
+    shape_margin: float | None = None  # None: no shape check
+    # built on first use; not init fields, so dataclasses.replace() never carries a tree
+    # that belongs to another bank
     _colour_tree: cKDTree | None = field(default=None, init=False, repr=False, compare=False)
+    _shape_tree: cKDTree | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.library_size = max(self.library_size, len(self.scans))
@@ -128,30 +153,34 @@ class LibraryGate:
             self._colour_tree = cKDTree(self.banks[COLOUR].double().numpy())
         return self._colour_tree
 
+    def shape_tree(self) -> cKDTree:
+        """Nearest-curvature search over the shape bank (built once per gate)."""
+        if self._shape_tree is None:
+            self._shape_tree = cKDTree(self.banks[SHAPE].double().numpy())
+        return self._shape_tree
+
     @property
     def checks(self) -> tuple[str, ...]:
         """The checks this gate holds: CHECKS, less the pairing check in a model saved
-        before it existed and the colour check in one saved before it existed or built on
-        a library of one colour."""
+        before it existed, the colour check in one saved before it existed or built on
+        a library of one colour, and the shape check in one saved before it existed or
+        built on clouds that show no curvature."""
         return tuple(c for c in CHECKS if c in self.limits)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"gate.{m}": self.banks[m] for m in MODALITIES}
         out.update({f"gate.{m}_stats": self.stats[m] for m in MODALITIES})
-        if COLOUR in self.banks:
-            out[f"gate.{COLOUR}"] = self.banks[COLOUR]
+        for check in (COLOUR, SHAPE):
+            if check in self.banks:
+                out[f"gate.{check}"] = self.banks[check]
         return out
 
     def metadata(self) -> dict[str, Any]:
-        colour = {}
-        if self.colour_margin is not None:
-            colour = {
-                "colour": {
-                    "space": COLOUR_SPACE,
-                    "dark_floor": DARK_FLOOR,
-                    "margin": self.colour_margin,
-                }
-            }
+        extra = {
+            check: {**_SETTINGS[check][0], "margin": margin}
+            for check, margin in ((COLOUR, self.colour_margin), (SHAPE, self.shape_margin))
+            if margin is not None
+        }
         return {
             "limits": self.limits,
             "loo_peaks": self.loo_peaks,
@@ -161,7 +190,7 @@ class LibraryGate:
             "library_size": self.library_size,
             "stride": GATE_STRIDE,
             "blur": [list(b) for b in GATE_BLUR],
-            **colour,
+            **extra,
         }
 
     @classmethod
@@ -217,7 +246,8 @@ class LibraryGate:
                 f"(and {PAIRING!r} since it exists), nothing else; got limits of "
                 f"{sorted(map(str, names))} and peaks of {sorted(map(str, meta['loo_peaks']))}"
             )
-        colour_margin = _colour_margin(meta, COLOUR in names)
+        colour_margin = _check_margin(meta, COLOUR, COLOUR in names)
+        shape_margin = _check_margin(meta, SHAPE, SHAPE in names)
         for m in [c for c in CHECKS if c in names]:
             limits[m] = finite_number(meta["limits"][m], f"library_gate limit of {m}")
             if not isinstance(meta["loo_peaks"][m], list):
@@ -232,6 +262,13 @@ class LibraryGate:
                 if not all(0 <= x <= top for x in loo[m]) or not 0 < limits[m] <= top:
                     raise ValueError(
                         f"library_gate colour peaks and limit must be in [0, {top:.4f}] "
+                        f"(the limit above 0), got a limit of {limits[m]}"
+                    )
+            elif m == SHAPE:  # a distance between curvature pairs (1/mm)
+                top, m_margin = _MAX_SHAPE_DISTANCE, shape_margin
+                if not all(0 <= x <= top for x in loo[m]) or not 0 < limits[m] <= top:
+                    raise ValueError(
+                        f"library_gate shape peaks and limit must be in [0, {top:g}] 1/mm "
                         f"(the limit above 0), got a limit of {limits[m]}"
                     )
             else:  # novelty is 1 − a cosine
@@ -274,13 +311,9 @@ class LibraryGate:
                 f"gate.rgb has {banks['rgb'].shape[0]} rows and gate.points "
                 f"{banks['points'].shape[0]}: each row is one library pixel of both modalities"
             )
-        key = f"gate.{COLOUR}"
-        if colour_margin is None and key in tensors:
-            raise ValueError(f"{key} without a colour limit in library_gate")
-        if colour_margin is not None:
-            bank = tensors.get(key)
-            if bank is None:
-                raise ValueError(f"library_gate has a colour limit but no {key} tensor")
+        bank = _own_bank(tensors, COLOUR, colour_margin is not None)
+        if bank is not None:
+            key = f"gate.{COLOUR}"
             if bank.dtype != torch.float32 or tuple(bank.shape) != (banks["rgb"].shape[0], 2):
                 raise ValueError(
                     f"{key} must be float32 rows of (r, g) chromaticity, one per library pixel "
@@ -289,6 +322,24 @@ class LibraryGate:
             if not (bool(torch.isfinite(bank).all()) and bool(((bank >= 0) & (bank <= 1)).all())):
                 raise ValueError(f"{key} holds values outside [0, 1] (chromaticity)")
             banks[COLOUR] = bank
+        bank = _own_bank(tensors, SHAPE, shape_margin is not None)
+        if bank is not None:
+            key = f"gate.{SHAPE}"
+            if (
+                bank.dtype != torch.float32
+                or bank.ndim != 2
+                or bank.shape[0] < 1
+                or bank.shape[1] != 2
+            ):
+                raise ValueError(
+                    f"{key} must be float32 rows of two principal curvatures, got "
+                    f"{tuple(bank.shape)} {bank.dtype}"
+                )
+            if not bool(torch.isfinite(bank).all()) or bool((bank[:, 0] < bank[:, 1]).any()):
+                raise ValueError(
+                    f"{key} holds non-finite curvatures or rows whose first is not the larger"
+                )
+            banks[SHAPE] = bank
         return cls(
             banks,
             stats,
@@ -299,30 +350,60 @@ class LibraryGate:
             smallest,
             size,
             colour_margin,
+            shape_margin,
         )
 
 
-def _colour_margin(meta: dict[str, Any], has_limit: bool) -> float | None:
-    """The colour check's margin from a saved gate's metadata (None: the model has no colour
-    check); refused when it was built in another colour space than this code's."""
-    spec = meta.get("colour")
+def _own_bank(tensors: dict[str, torch.Tensor], check: str, has_limit: bool):
+    """The saved bank of the colour or shape check (None when the gate has no such check);
+    a bank without its limit, or a limit without its bank, is refused."""
+    key = f"gate.{check}"
+    if not has_limit:
+        if key in tensors:
+            raise ValueError(f"{key} without a {check} limit in library_gate")
+        return None
+    if key not in tensors:
+        raise ValueError(f"library_gate has a {check} limit but no {key} tensor")
+    return tensors[key]
+
+
+#: what a saved colour or shape check must have been built with: this code's settings, and
+#: the words an error uses for them
+_SETTINGS = {
+    COLOUR: (
+        {"space": COLOUR_SPACE, "dark_floor": DARK_FLOOR},
+        f"another colour space than this code's ({COLOUR_SPACE}, dark floor {DARK_FLOOR})",
+    ),
+    SHAPE: (
+        {
+            "descriptor": SHAPE_DESCRIPTOR,
+            "version": SHAPE_VERSION,
+            "scale_mm": SHAPE_SCALE_MM,
+            "support": SHAPE_SUPPORT,
+        },
+        f"another descriptor than this code's ({SHAPE_DESCRIPTOR} v{SHAPE_VERSION} over "
+        f"{SHAPE_SCALE_MM} mm, support {SHAPE_SUPPORT})",
+    ),
+}
+
+
+def _check_margin(meta: dict[str, Any], check: str, has_limit: bool) -> float | None:
+    """The colour or shape check's margin from a saved gate's metadata (None: the model has
+    no such check); refused when it was built with other settings than this code's."""
+    spec = meta.get(check)
     if spec is None and not has_limit:
         return None
     if spec is None or not has_limit:
         raise ValueError(
-            "library_gate has a colour limit without its colour settings, or settings without the limit"
+            f"library_gate has a {check} limit without its {check} settings, or settings "
+            "without the limit"
         )
-    if not isinstance(spec, dict) or (spec.get("space"), spec.get("dark_floor")) != (
-        COLOUR_SPACE,
-        DARK_FLOOR,
-    ):
-        raise ValueError(
-            f"library_gate's colour check was built in another colour space than this code's "
-            f"({COLOUR_SPACE}, dark floor {DARK_FLOOR}): refit the category"
-        )
-    margin = finite_number(spec.get("margin"), "library_gate colour margin")
+    settings, other = _SETTINGS[check]
+    if not isinstance(spec, dict) or {k: spec.get(k) for k in settings} != settings:
+        raise ValueError(f"library_gate's {check} check was built in {other}: refit the category")
+    margin = finite_number(spec.get("margin"), f"library_gate {check} margin")
     if margin < 0:
-        raise ValueError(f"library_gate colour margin must be >= 0, got {margin}")
+        raise ValueError(f"library_gate {check} margin must be >= 0, got {margin}")
     return margin
 
 
@@ -348,19 +429,22 @@ def chromaticity(colour: torch.Tensor) -> torch.Tensor:
 
 def _sampled_rows(features: FeatureSet, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Raw features of sample ``i`` at its strided foreground pixels (and their
-    chromaticity when the features carry the scan's colour), and that pixel mask."""
+    chromaticity and curvatures when the features carry the scan's colour and shape
+    maps), and that pixel mask."""
     mask = _sampled_mask(features, i)
     rows = {
         "rgb": features.rgb[i][:, mask].T.float(),
         "points": features.points[i][:, mask].T.float(),
     }
-    if features.colour is not None:
-        if tuple(features.colour.shape[-2:]) != tuple(mask.shape):
+    for check, maps in ((COLOUR, features.colour), (SHAPE, features.shape)):
+        if maps is None:
+            continue
+        if tuple(maps.shape[-2:]) != tuple(mask.shape):
             raise ValueError(
-                f"the colour map is {tuple(features.colour.shape[-2:])}, the feature grid "
-                f"{tuple(mask.shape)}"
+                f"the {check} map is {tuple(maps.shape[-2:])}, the feature grid {tuple(mask.shape)}"
             )
-        rows[COLOUR] = chromaticity(features.colour[i][:, mask].T)
+        picked = maps[i][:, mask].T.float()  # shape: NaN where there is no curvature
+        rows[check] = chromaticity(picked) if check == COLOUR else picked
     return rows, mask
 
 
@@ -370,10 +454,11 @@ def _standardise(rows: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
 
 def _unit_rows(rows: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]):
     """A sample's rows per modality, standardised on the library, unit length (and its
-    chromaticity rows as they are)."""
+    chromaticity and curvature rows as they are)."""
     out = {m: F.normalize(_standardise(rows[m], stats[m]), dim=1) for m in MODALITIES}
-    if COLOUR in rows:
-        out[COLOUR] = rows[COLOUR]
+    for check in (COLOUR, SHAPE):
+        if check in rows:
+            out[check] = rows[check]
     return out
 
 
@@ -381,11 +466,14 @@ def _novelties(
     queries: dict[str, torch.Tensor],
     banks: dict[str, torch.Tensor],
     colour_tree: cKDTree | None = None,
+    shape_tree: cKDTree | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per check, 1 − the best cosine of each query pixel to the bank: per modality, and
     for the pairing the best *mean* of both modalities' cosines to one bank pixel (each
     modality weighs the same, whatever its width); with a ``colour_tree`` (over the bank's
-    chromaticity rows), the distance of each query pixel's chromaticity to the nearest."""
+    chromaticity rows), the distance of each query pixel's chromaticity to the nearest;
+    with a ``shape_tree`` (over the bank's curvature rows), the distance of each query
+    pixel's curvatures to the nearest (0 where the scan has none: nothing to compare)."""
     rgb, points, pair = max_cosine_pair(
         (queries["rgb"], queries["points"]), (banks["rgb"], banks["points"])
     )
@@ -398,7 +486,29 @@ def _novelties(
             )
         distance, _ = colour_tree.query(queries[COLOUR].double().numpy(), k=1)
         out[COLOUR] = torch.from_numpy(np.asarray(distance, dtype=np.float32).reshape(-1))
+    if shape_tree is not None:
+        if SHAPE not in queries:
+            raise ValueError(
+                "the library check has a shape check but the scan's features carry no "
+                "shape map (build them with extract_features or features_of_scans)"
+            )
+        out[SHAPE] = _shape_distances(queries[SHAPE], shape_tree)
     return out
+
+
+def _shape_distances(rows: torch.Tensor, tree: cKDTree) -> torch.Tensor:
+    """Distance of each curvature row to the nearest in ``tree``; 0 for a NaN row."""
+    out = np.zeros(rows.shape[0], dtype=np.float32)
+    known = torch.isfinite(rows).all(dim=1).numpy()
+    if known.any():
+        distance, _ = tree.query(rows[known].double().numpy(), k=1)
+        out[known] = np.asarray(distance, dtype=np.float32).reshape(-1)
+    return torch.from_numpy(out)
+
+
+def _known(rows: torch.Tensor) -> torch.Tensor:
+    """The curvature rows that are numbers (where the cloud could tell)."""
+    return rows[torch.isfinite(rows).all(dim=1)]
 
 
 def _blurred(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -468,6 +578,7 @@ def build_library_gate(
     margin: float,
     max_scans: int | None = None,
     colour_margin: float | None = ScoringConfig.colour_gate_margin,
+    shape_margin: float | None = ScoringConfig.shape_gate_margin,
 ) -> LibraryGate:
     """The library check from the features of every good library scan (at least two
     different ones), cut to the ``max_scans`` most varied (:func:`most_varied`) when there
@@ -475,15 +586,22 @@ def build_library_gate(
     is counted once: its twin would give it a leave-one-out peak of 0.
 
     The colour check is built with ``colour_margin`` (None: without it) and needs the
-    scans' colour in ``library``; a library of one colour (a grey-scale camera) gets none."""
-    if colour_margin is not None:
-        if library.colour is None:
+    scans' colour in ``library``; a library of one colour (a grey-scale camera) gets none.
+    The shape check likewise with ``shape_margin`` and the scans' shape maps; a library
+    in which fewer than two scans show a curvature anywhere gets none."""
+    for name, margin_, have in (
+        ("colour", colour_margin, library.colour),
+        ("shape", shape_margin, library.shape),
+    ):
+        if margin_ is None:
+            continue
+        if have is None:
             raise ValueError(
-                "the colour check needs the library scans' colour: build the features with "
-                "extract_features or features_of_scans (or pass colour_margin=None)"
+                f"the {name} check needs the library scans' {name} maps: build the features "
+                f"with extract_features or features_of_scans (or pass {name}_margin=None)"
             )
-        if not math.isfinite(colour_margin) or colour_margin < 0:
-            raise ValueError(f"colour_margin must be a finite number >= 0, got {colour_margin}")
+        if not math.isfinite(margin_) or margin_ < 0:
+            raise ValueError(f"{name}_margin must be a finite number >= 0, got {margin_}")
     if max_scans is not None and (
         isinstance(max_scans, bool) or not isinstance(max_scans, int) or max_scans < 2
     ):
@@ -532,26 +650,41 @@ def build_library_gate(
         # the check is then exactly the check of the kept scans (standardised on them)
         library = library.select(most_varied(pieces, max_scans))
         stats, pieces = _library_rows(library)
-    checks = CHECKS if colour_margin is not None else (*MODALITIES, PAIRING)
+    if shape_margin is not None and sum(len(_known(p[0][SHAPE])) > 0 for p in pieces) < 2:
+        shape_margin = None  # no leave-one-out: the clouds show a curvature nowhere
+    checks = [
+        c
+        for c in CHECKS
+        if not (c == COLOUR and colour_margin is None) and not (c == SHAPE and shape_margin is None)
+    ]
     loo: dict[str, list[float]] = {c: [] for c in checks}
     for i, (rows, mask) in enumerate(pieces):
         others = {
             m: torch.cat([p[0][m] for j, p in enumerate(pieces) if j != i]) for m in MODALITIES
         }
-        tree = None
+        tree = shape_tree = None
         if colour_margin is not None:
             others_colour = torch.cat([p[0][COLOUR] for j, p in enumerate(pieces) if j != i])
             tree = cKDTree(others_colour.double().numpy())
-        for c, values in _novelties(rows, others, tree).items():
+        if shape_margin is not None:
+            others_shape = torch.cat([_known(p[0][SHAPE]) for j, p in enumerate(pieces) if j != i])
+            # a scan whose every other scan shows no curvature has nothing to compare with
+            shape_tree = cKDTree(others_shape.double().numpy()) if len(others_shape) else None
+        for c, values in _novelties(rows, others, tree, shape_tree).items():
             # colour distances are small (sensor-noise scale): keep more decimals
             loo[c].append(round(_peak(values, mask), 9 if c == COLOUR else 6))
+        if shape_margin is not None and shape_tree is None:
+            loo[SHAPE].append(0.0)
     if colour_margin is not None and (
         _grey(library.colour) or max(loo[COLOUR]) < ONE_COLOUR_SPREAD
     ):
         # every library pixel has one chromaticity (a grey-scale camera): nothing to compare
         del loo[COLOUR]
         colour_margin = None
-    limits = {c: novelty_limit(loo[c], margin) for c in loo if c != COLOUR}
+    if shape_margin is not None and max(loo[SHAPE]) <= 0:
+        del loo[SHAPE]  # every library scan's curvatures are found in another: no spread
+        shape_margin = None
+    limits = {c: novelty_limit(loo[c], margin) for c in loo if c not in (COLOUR, SHAPE)}
     if not all(v > 0 for v in limits.values()):
         raise NoLibraryCheck(
             "the library's good scans are too alike to calibrate on (every leave-one-out "
@@ -561,6 +694,9 @@ def build_library_gate(
     if colour_margin is not None:
         limits[COLOUR] = novelty_limit(loo[COLOUR], colour_margin)
         banks[COLOUR] = torch.cat([p[0][COLOUR] for p in pieces]).float().contiguous()
+    if shape_margin is not None:
+        limits[SHAPE] = novelty_limit(loo[SHAPE], shape_margin)
+        banks[SHAPE] = torch.cat([_known(p[0][SHAPE]) for p in pieces]).float().contiguous()
     return LibraryGate(
         banks,
         stats,
@@ -571,6 +707,7 @@ def build_library_gate(
         smallest,
         size,
         None if colour_margin is None else float(colour_margin),
+        None if shape_margin is None else float(shape_margin),
     )
 
 
@@ -582,7 +719,8 @@ def novelty_maps(gate: LibraryGate, features: FeatureSet, i: int = 0) -> dict[st
         return {c: torch.full(mask.shape, float("inf")) for c in gate.checks}
     out = {}
     tree = gate.colour_tree() if COLOUR in gate.checks else None
-    values = _novelties(_unit_rows(rows, gate.stats), gate.banks, tree)
+    shape_tree = gate.shape_tree() if SHAPE in gate.checks else None
+    values = _novelties(_unit_rows(rows, gate.stats), gate.banks, tree, shape_tree)
     for m in gate.checks:
         coarse = _blurred(values[m], mask)
         grid = coarse.repeat_interleave(GATE_STRIDE, 0).repeat_interleave(GATE_STRIDE, 1)
@@ -656,7 +794,8 @@ def gate_heatmap(decision: GateDecision, scanned) -> tuple[np.ndarray, str]:
 def gate_decision(model, score: float, features: FeatureSet) -> GateDecision:
     """The quality gate on one scan: the model's score against its gate threshold and,
     when the model holds a library check, the scan's foreground and its novelty per
-    modality, of the RGB-3D pairing and of its own colour against their limits. A model
+    modality, of the RGB-3D pairing, of its own colour and of its shape against their
+    limits. A model
     without a
     threshold cannot gate (it fails closed: an error, never a pass)."""
     limit = model.gate_threshold if model.gate_threshold is not None else model.threshold
@@ -691,6 +830,11 @@ def gate_summary(model) -> str:
         older += (
             " (no colour check: the model predates it, or every library scan shows one "
             "colour, as from a grey-scale camera)"
+        )
+    if SHAPE not in gate.checks:
+        older += (
+            " (no shape check: the model predates it, or the library's clouds show no "
+            "curvature, too sparse or full of holes)"
         )
     held = f"{len(gate.scans)} good scans"
     if gate.library_size > len(gate.scans):

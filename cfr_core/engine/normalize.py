@@ -47,7 +47,7 @@ class FeatureNorm:
         pts = torch.where(
             fg & (pts.abs().sum(1, keepdim=True) == 0), torch.full_like(pts, 1e-6), pts
         )
-        return FeatureSet(rgb, pts, features.masks, features.keys, features.colour)
+        return FeatureSet(rgb, pts, features.masks, features.keys, features.colour, features.shape)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"norm.{k}": v for k, v in vars(self).items()}
