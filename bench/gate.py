@@ -6,8 +6,9 @@ parts: the deployed model's score against its gate threshold (the highest score 
 the good scans the model was not fitted on × (1 + ``gate_margin``)), and the
 library check: the novelty of each modality, and of the two together (their pairing),
 against every good library scan, within the highest leave-one-out novelty of the
-library × (1 + ``library_gate_margin``), and the novelty of the scan's own colour
-within its leave-one-out maximum × (1 + ``colour_gate_margin``). For
+library × (1 + ``library_gate_margin``), the novelty of the scan's own colour
+within its leave-one-out maximum × (1 + ``colour_gate_margin``), and the novelty of
+its surface's curvatures within theirs × (1 + ``shape_gate_margin``). For
 each candidate rule this script measures, over categories and few-shot seeds:
 
 * **false quarantine**: the share of good test scans (never seen by the model)
@@ -62,11 +63,11 @@ from cfr_core.data.synth import DEV_CATEGORIES, REPORT_CATEGORIES  # noqa: E402
 from cfr_core.engine import FeatureCache, build_extractors, evaluate, extract_features  # noqa: E402
 from cfr_core.engine.fit import library_samples, test_samples  # noqa: E402
 from cfr_core.engine.gate import (  # noqa: E402
-    CHECKS,
     COLOUR,
     FOREGROUND_MISSING_LIMIT,
     MODALITIES,
     PAIRING,
+    SHAPE,
     build_library_gate,
     foreground_missing,
     novelty_limit,
@@ -80,11 +81,18 @@ LIBRARY_MARGINS = (0.0, 0.05, 0.1, 0.15, 0.2)
 BOTH_MARGINS = [(m, lm) for m in (0.2, 0.3, 0.4, 0.5, 0.75) for lm in LIBRARY_MARGINS]
 #: the colour check's margin is set, not chosen: this sweep shows the plateau it sits on
 COLOUR_MARGINS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0)
+#: the shape check's margin is set, not chosen: this sweep shows where it sits (gate_notes.md)
+SHAPE_MARGINS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
 FEATURE_CHECKS = (*MODALITIES, PAIRING)
 OUT = ROOT / "bench" / "results"
 SOURCES = {"dev": OUT / "dev" / "scores.jsonl", "report": OUT / "accuracy" / "scores.jsonl"}
 _SCORING = ScoringConfig()
-CHOSEN = (_SCORING.gate_margin, _SCORING.library_gate_margin, _SCORING.colour_gate_margin)
+CHOSEN = (
+    _SCORING.gate_margin,
+    _SCORING.library_gate_margin,
+    _SCORING.colour_gate_margin,
+    _SCORING.shape_gate_margin,
+)
 MODEL_VAL = "model score (validation)"
 MODEL_ALL = "model score (validation + unused train)"
 LIBRARY = "library check alone"
@@ -92,10 +100,13 @@ BOTH = "model score (validation + unused train) + library check"
 TWO_CHECKS = "model score (validation + unused train) + library check without pairing"
 WITH_COLOUR = "model score (validation + unused train) + library check + colour check"
 COLOUR_SWEEP = "colour check margin sweep (not a candidate)"
-IN_FORCE = (WITH_COLOUR, CHOSEN)
+WITH_SHAPE = "model score (validation + unused train) + library check + colour check + shape check"
+SHAPE_SWEEP = "shape check margin sweep (not a candidate)"
+IN_FORCE = (WITH_SHAPE, CHOSEN)
 BEFORE = (MODEL_VAL, 0.3)  # the gate before the library check: validation scans, margin 0.3
 BEFORE_PAIRING = (TWO_CHECKS, (0.4, 0.05))  # the gate before the pairing check
 BEFORE_COLOUR = (BOTH, (0.5, 0.05))  # the gate before the colour check
+BEFORE_SHAPE = (WITH_COLOUR, (0.5, 0.05, 1.0))  # the gate before the shape check
 
 
 def collect(models: Path, shots: int) -> None:
@@ -146,7 +157,7 @@ def collect_library(split: str) -> None:
         lib_features = extract_features(lib, extractors, pre, cache)
         test_features = extract_features(test, extractors, pre, cache)
         t0 = time.perf_counter()
-        gate = build_library_gate(lib_features, margin=0.0, colour_margin=0.0)
+        gate = build_library_gate(lib_features, margin=0.0, colour_margin=0.0, shape_margin=0.0)
         t1 = time.perf_counter()
         peaks = novelty_peaks(gate, test_features)
         t2 = time.perf_counter()
@@ -155,7 +166,9 @@ def collect_library(split: str) -> None:
                 "category": cat,
                 "library": [s.key for s in lib],
                 "loo": gate.loo_peaks,
-                "test": {c: [round(p[c], 9 if c == COLOUR else 6) for p in peaks] for c in CHECKS},
+                "test": {
+                    c: [round(p[c], 9 if c == COLOUR else 6) for p in peaks] for c in gate.checks
+                },
                 "test_labels": [s.label for s in test],
                 "test_foreground_missing": [
                     round(foreground_missing(gate, test_features, i), 6) for i in range(len(test))
@@ -190,11 +203,16 @@ def label(margin) -> str:
 
 
 def library_flags(
-    lib: dict, margin: float, checks=FEATURE_CHECKS, colour_margin: float | None = None
+    lib: dict,
+    margin: float,
+    checks=FEATURE_CHECKS,
+    colour_margin: float | None = None,
+    shape_margin: float | None = None,
 ) -> np.ndarray:
     """Test scans the library check stops at ``margin``: any of ``checks`` above its limit,
-    the colour check above its limit at ``colour_margin`` (None: no colour check), or more
-    than FOREGROUND_MISSING_LIMIT of the smallest library foreground missing."""
+    the colour (shape) check above its limit at ``colour_margin`` (``shape_margin``; None:
+    no such check), or more than FOREGROUND_MISSING_LIMIT of the smallest library
+    foreground missing."""
     flags = np.array(lib["test_foreground_missing"]) > FOREGROUND_MISSING_LIMIT
     for m in checks:
         flags |= np.array(lib["test"][m]) > novelty_limit(lib["loo"][m], margin)
@@ -202,6 +220,10 @@ def library_flags(
         if COLOUR not in lib["test"]:
             sys.exit("library.jsonl predates the colour check: run `gate.py library` again")
         flags |= np.array(lib["test"][COLOUR]) > novelty_limit(lib["loo"][COLOUR], colour_margin)
+    if shape_margin is not None:
+        if SHAPE not in lib["test"]:
+            sys.exit("library.jsonl predates the shape check: run `gate.py library` again")
+        flags |= np.array(lib["test"][SHAPE]) > novelty_limit(lib["loo"][SHAPE], shape_margin)
     return flags
 
 
@@ -235,6 +257,7 @@ def measure(split: str, shots: int) -> list[dict]:
             sys.exit(f"{library_path(split)}: {rec['category']}'s test scans differ from {path}")
         # peaks collected before the colour check existed: its rules are left out
         colour = lib is not None and COLOUR in lib["test"]
+        shape = lib is not None and SHAPE in lib["test"]
         rules: list[tuple[str, object, np.ndarray]] = []
         if split == "dev":
             rules += [(name, m, model_flags(name, m)) for name in sets for m in MARGINS]
@@ -252,7 +275,7 @@ def measure(split: str, shots: int) -> list[dict]:
                     )
                     for m, lm in BOTH_MARGINS
                 ]
-                m, lm, cm = CHOSEN
+                m, lm, cm, sm = CHOSEN
                 rules += [
                     (
                         rule,
@@ -263,14 +286,28 @@ def measure(split: str, shots: int) -> list[dict]:
                     for c in margins
                     if colour
                 ]
+                rules += [
+                    (
+                        rule,
+                        (m, lm, cm, g),
+                        model_flags(MODEL_ALL, m) | library_flags(lib, lm, FEATURE_CHECKS, cm, g),
+                    )
+                    for rule, margins in ((WITH_SHAPE, (sm,)), (SHAPE_SWEEP, SHAPE_MARGINS))
+                    for g in margins
+                    if colour and shape
+                ]
         else:
             rules.append((BEFORE[0], BEFORE[1], model_flags(*BEFORE)))
             if lib is not None and MODEL_ALL in sets:
-                m, lm, cm = CHOSEN
+                m, lm, cm, sm = CHOSEN
                 rules.append((LIBRARY, lm, library_flags(lib, lm)))  # for information only
+                if colour and shape:
+                    flags = library_flags(lib, lm, FEATURE_CHECKS, cm, sm)
+                    rules.append((WITH_SHAPE, CHOSEN, model_flags(MODEL_ALL, m) | flags))
                 if colour:
+                    m, lm, cm = BEFORE_SHAPE[1]
                     flags = model_flags(MODEL_ALL, m) | library_flags(lib, lm, FEATURE_CHECKS, cm)
-                    rules.append((WITH_COLOUR, CHOSEN, flags))
+                    rules.append((WITH_COLOUR, BEFORE_SHAPE[1], flags))
                 m, lm = BEFORE_COLOUR[1]
                 rules.append(
                     (BOTH, BEFORE_COLOUR[1], model_flags(MODEL_ALL, m) | library_flags(lib, lm))
@@ -308,6 +345,7 @@ def defect_table(rows: list[dict]) -> list[str]:
     """Share stopped per category and defect type (good = false quarantine), mean over seeds,
     for the gate in force, the gate before the library check and the library check alone."""
     shown = [(IN_FORCE[0], label(IN_FORCE[1]), "in force")]
+    shown.append((BEFORE_SHAPE[0], label(BEFORE_SHAPE[1]), "before the shape check"))
     shown.append((BEFORE_COLOUR[0], label(BEFORE_COLOUR[1]), "before the colour check"))
     shown.append((BEFORE_PAIRING[0], label(BEFORE_PAIRING[1]), "before the pairing check"))
     shown.append((BEFORE[0], label(BEFORE[1]), "before the library check"))
@@ -344,7 +382,11 @@ def choose(rows: list[dict]) -> tuple[str, str]:
     # every candidate compares the modalities with each other somewhere (the model's score
     # or the library's pairing check): a defect whose every modality looks like some good
     # part is invisible to per-modality checks alone (gate_notes.md)
-    stats = {k: v[:2] for k, v in by_rule(rows).items() if k[0] not in ("oracle", COLOUR_SWEEP)}
+    stats = {
+        k: v[:2]
+        for k, v in by_rule(rows).items()
+        if k[0] not in ("oracle", COLOUR_SWEEP, SHAPE_SWEEP)
+    }
     # a mean of 15 rates, each a multiple of 1/20: compare with a tolerance, so that
     # 0.05000000000000001 (float rounding of exactly 5 %) counts as 5 %
     ok = [k for k, (fq, _) in stats.items() if fq <= 0.05 + 1e-9]
@@ -403,12 +445,17 @@ def summarise(rows: list[dict], shots: int) -> str:
         "the scan's own colour (rg chromaticity) is farther from every library pixel's than "
         "the library's highest leave-one-out peak × (1 + colour margin) (margins model / "
         "library / colour); the colour margin is set, not chosen, and its *sweep* rows show "
-        "the plateau it sits on. False quarantine: good test scans "
+        "the plateau it sits on. *+ shape check*: also stopped when the surface's principal "
+        "curvatures (depth smoothed over 2 mm) are farther from every library pixel's than "
+        "the library's highest leave-one-out peak × (1 + shape margin) (margins model / "
+        "library / colour / shape); the shape margin is set, not chosen (gate_notes.md), and "
+        "its *sweep* rows show where it sits. False quarantine: good test scans "
         "(never seen) stopped; caught: defective test scans stopped. Means over categories "
         "and few-shot seeds. "
         "Target: false quarantine ≤ 5 % with ≥ 90 % caught. In force: "
         f"**{IN_FORCE[0]}, {label(IN_FORCE[1])}** (`ScoringConfig.gate_margin`, "
-        "`ScoringConfig.library_gate_margin`, `ScoringConfig.colour_gate_margin`).",
+        "`ScoringConfig.library_gate_margin`, `ScoringConfig.colour_gate_margin`, "
+        "`ScoringConfig.shape_gate_margin`).",
         "",
     ]
     for split, title in (
@@ -446,6 +493,8 @@ def summarise(rows: list[dict], shots: int) -> str:
                     name += " (the gate before the pairing check)"
                 elif (rule, m) == (BEFORE_COLOUR[0], label(BEFORE_COLOUR[1])):
                     name += " (the gate before the colour check)"
+                elif (rule, m) == (BEFORE_SHAPE[0], label(BEFORE_SHAPE[1])):
+                    name += " (the gate before the shape check)"
             lines.append(f"| {name} | {fq:.3f} | {caught:.3f} | {per} |")
         lines.append("")
         lines += [
