@@ -165,6 +165,9 @@ def collect_library(split: str) -> None:
             {
                 "category": cat,
                 "library": [s.key for s in lib],
+                # the checks the gate built (a library whose clouds show no curvature gets
+                # no shape check, and is then gated without one, as the pipeline would)
+                "checks": list(gate.checks),
                 "loo": gate.loo_peaks,
                 "test": {
                     c: [round(p[c], 9 if c == COLOUR else 6) for p in peaks] for c in gate.checks
@@ -220,9 +223,11 @@ def library_flags(
         if COLOUR not in lib["test"]:
             sys.exit("library.jsonl predates the colour check: run `gate.py library` again")
         flags |= np.array(lib["test"][COLOUR]) > novelty_limit(lib["loo"][COLOUR], colour_margin)
-    if shape_margin is not None:
-        if SHAPE not in lib["test"]:
+    if shape_margin is not None and SHAPE not in lib.get("checks", ()):
+        if "checks" not in lib:
             sys.exit("library.jsonl predates the shape check: run `gate.py library` again")
+        return flags  # the gate built no shape check on this library
+    if shape_margin is not None:
         flags |= np.array(lib["test"][SHAPE]) > novelty_limit(lib["loo"][SHAPE], shape_margin)
     return flags
 
@@ -257,7 +262,7 @@ def measure(split: str, shots: int) -> list[dict]:
             sys.exit(f"{library_path(split)}: {rec['category']}'s test scans differ from {path}")
         # peaks collected before the colour check existed: its rules are left out
         colour = lib is not None and COLOUR in lib["test"]
-        shape = lib is not None and SHAPE in lib["test"]
+        shape = lib is not None and "checks" in lib  # recorded since the shape check
         rules: list[tuple[str, object, np.ndarray]] = []
         if split == "dev":
             rules += [(name, m, model_flags(name, m)) for name in sets for m in MARGINS]
