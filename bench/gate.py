@@ -68,10 +68,12 @@ from cfr_core.engine.gate import (  # noqa: E402
     MODALITIES,
     PAIRING,
     SHAPE,
+    SHAPE_UNREAD_LIMIT,
     build_library_gate,
     foreground_missing,
     novelty_limit,
     novelty_peaks,
+    shape_unread,
 )
 from cfr_core.io.artifacts import load_model  # noqa: E402
 from cfr_core.scoring.maps import gate_threshold  # noqa: E402
@@ -176,6 +178,17 @@ def collect_library(split: str) -> None:
                 "test_foreground_missing": [
                     round(foreground_missing(gate, test_features, i), 6) for i in range(len(test))
                 ],
+                # how much less of each test scan's shape could be read than of the library's
+                # least-read scan (the shape check's guard; absent without a shape check)
+                **(
+                    {
+                        "test_shape_unread": [
+                            round(shape_unread(gate, test_features, i), 6) for i in range(len(test))
+                        ]
+                    }
+                    if SHAPE in gate.checks
+                    else {}
+                ),
                 "bank_rows": int(gate.banks["rgb"].shape[0]),
                 "bank_mb": round(
                     sum(b.numel() * b.element_size() for b in gate.banks.values()) / 2**20, 2
@@ -228,6 +241,9 @@ def library_flags(
             sys.exit("library.jsonl predates the shape check: run `gate.py library` again")
         return flags  # the gate built no shape check on this library
     if shape_margin is not None:
+        if "test_shape_unread" not in lib:
+            sys.exit("library.jsonl predates the shape unread guard: run `gate.py library` again")
+        flags |= np.array(lib["test_shape_unread"]) > SHAPE_UNREAD_LIMIT
         flags |= np.array(lib["test"][SHAPE]) > novelty_limit(lib["loo"][SHAPE], shape_margin)
     return flags
 

@@ -101,7 +101,8 @@ def run(policy, features, n_library, record, order, batch) -> tuple[list[dict], 
             {
                 "tick": tick,
                 MODEL: model.gate_threshold,
-                **{LABELS[c]: gate.limits[c] for c in CHECKS},
+                # a check the gate did not build (no curvature, one colour) has no limit
+                **{LABELS[c]: gate.limits.get(c, float("nan")) for c in CHECKS},
                 "library": gate.library_size,
             }
         )

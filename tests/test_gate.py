@@ -736,6 +736,7 @@ def test_a_library_without_curvature_gets_no_shape_check_and_older_models_keep_t
     for key in ("limits", "loo_peaks"):
         del meta["library_gate"][key][SHAPE]
     del meta["library_gate"]["shape"]
+    del meta["library_gate"]["min_shape_read"]
     tensors = {k: v for k, v in fitted.tensors().items() if k != "gate.shape"}
     older = model_from_parts(meta, tensors)
     assert older.library_gate.checks == (*MODALITIES, PAIRING, "colour")
@@ -779,6 +780,11 @@ def test_a_hand_edited_shape_check_is_refused(fitted, dome):
     refused("float32 rows", tensors={"gate.shape": bank[:0]})
     refused("non-finite", tensors={"gate.shape": torch.full_like(bank, float("nan"))})
     refused("first is not the larger", tensors={"gate.shape": bank.flip(1) - 1.0})
+    # a bank denser than the library could ever give (it would explain every dent)
+    rows = fitted.tensors()["gate.rgb"].shape[0] + 1
+    refused("more than the library", tensors={"gate.shape": bank[:1].expand(rows, 2).clone()})
+    for bad in (0.0, 1.5, None, "0.5"):
+        refused("min_shape_read", min_shape_read=bad)
     without = {k: v for k, v in fitted.tensors().items() if k != "gate.shape"}
     with pytest.raises(ValueError, match="no gate.shape tensor"):
         model_from_parts(meta, without)
@@ -789,3 +795,41 @@ def test_a_hand_edited_shape_check_is_refused(fitted, dome):
     swapped = replace(gate, banks={**gate.banks, SHAPE: torch.full_like(gate.banks[SHAPE], 5.0)})
     assert novelty_peaks(swapped, good)[0][SHAPE] > 10 * max(before, 1e-3)
     assert novelty_peaks(gate, good)[0][SHAPE] == before
+
+
+def test_a_scan_whose_shape_cannot_be_read_is_stopped_not_passed_unseen(fitted, synth_root):
+    """Scattered point loss (10 % of the points) leaves no pixel with 97 % of its smoothing
+    on points: the shape check would read 0 and pass. The unread guard stops the scan and
+    says why; the same scan whole passes it."""
+    import numpy as np
+
+    from cfr_core.data.prepare import prepare_arrays
+    from cfr_core.engine.features import features_of_scans
+    from cfr_core.engine.gate import SHAPE_UNREAD_CHECK, SHAPE_UNREAD_LIMIT, shape_unread
+
+    gate = fitted.library_gate
+    assert 0 < gate.min_shape_read <= 1
+    ex = build_extractors(EXTRACTORS)
+    good = next(s for s in index_category(synth_root, "dome").split("test") if s.label == 0)
+    rgb, xyz, _ = good.load()
+    whole = features_of_scans([prepare_arrays(rgb, xyz, None, FitConfig().preprocess)], ex)
+    assert shape_unread(gate, whole) <= SHAPE_UNREAD_LIMIT
+    holey = xyz.copy()
+    holey[np.random.default_rng(0).random(xyz.shape[:2]) < 0.1] = 0.0
+    lossy = features_of_scans([prepare_arrays(rgb, holey, None, FitConfig().preprocess)], ex)
+    decision = gate_decision(fitted, 0.0, lossy)
+    assert decision.checks[SHAPE_UNREAD_CHECK][0] > SHAPE_UNREAD_LIMIT
+    assert SHAPE_UNREAD_CHECK in decision.failed()
+
+
+def test_points_packed_absurdly_close_give_no_shape_and_no_hang():
+    """A cloud whose points are picometres apart (a unit error, a hostile file) would ask for
+    a smoothing kernel of billions of pixels (a MemoryError, or minutes of filtering for
+    nanometres): it is read as no curvature at once."""
+    import numpy as np
+
+    from cfr_core.engine.surface import shape_grid
+
+    y, x = np.mgrid[0:40, 0:40] * 1e-12
+    cloud = np.stack([x, y, np.full_like(x, 0.5)], -1)
+    assert torch.isnan(shape_grid(cloud, 16)).all()

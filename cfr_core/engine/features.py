@@ -191,7 +191,9 @@ def extract_features(
                 keys[i, m] = cache.key(files, ex, preprocess)
                 store[i] = cache.get(keys[i, m])
             cached = shape_maps[i]
-            if cached is not None and tuple(cached.shape) != (2, grid, grid):
+            if cached is not None and (
+                tuple(cached.shape) != (2, grid, grid) or cached.dtype != torch.float32
+            ):
                 shape_maps[i] = None  # not this grid's map: recomputed, never trusted
         if rgb_maps[i] is None or pts_maps[i] is None or shape_maps[i] is None:
             todo.append(i)

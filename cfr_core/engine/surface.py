@@ -77,6 +77,11 @@ def shape_grid(xyz: np.ndarray, grid: int) -> torch.Tensor:
     if pitch is None:
         return out
     sigma = SHAPE_SCALE_MM / pitch
+    if not np.isfinite(sigma) or sigma > max(xyz.shape[:2]) / 4:
+        # points so close together that 2 mm spans more than a quarter of the image: no
+        # pixel could gather 97 % of its weight inside it (and the filter would run for
+        # minutes or exhaust memory on an absurd kernel), so nothing can be read
+        return out
     weight = valid.astype(np.float64)
     # beyond the image's border there are no points (mode constant): a part cut off by
     # the border is not continued by a mirror image of itself
