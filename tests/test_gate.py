@@ -523,21 +523,31 @@ def test_a_model_saved_before_the_colour_check_keeps_its_three_checks(fitted, do
         model_from_parts(meta, fitted.tensors())
 
 
-def test_a_hand_edited_colour_check_is_refused(fitted):
+def _edit_refuser(fitted):
+    """(the saved gate's metadata, a function that edits it and the tensors and asserts that
+    loading the model refuses the edit with an error matching ``match``)."""
     import json
 
-    from cfr_core.engine.gate import COLOUR
     from cfr_core.io.artifacts import model_from_parts, model_metadata
 
     meta = json.loads(json.dumps(model_metadata(fitted)))
     gate_meta = meta["library_gate"]
-    bank = fitted.tensors()["gate.colour"]
 
     def refused(match, tensors=None, **changes):
         edited = {**meta, "library_gate": {**gate_meta, **changes}}
         with pytest.raises(ValueError, match=match):
             model_from_parts(edited, {**fitted.tensors(), **(tensors or {})})
 
+    return meta, refused
+
+
+def test_a_hand_edited_colour_check_is_refused(fitted):
+    from cfr_core.engine.gate import COLOUR
+    from cfr_core.io.artifacts import model_from_parts
+
+    meta, refused = _edit_refuser(fitted)
+    gate_meta = meta["library_gate"]
+    bank = fitted.tensors()["gate.colour"]
     limit = gate_meta["limits"][COLOUR]
     refused("leave-one-out peaks", limits={**gate_meta["limits"], COLOUR: limit * 3})
     refused("leave-one-out peaks", colour={**gate_meta["colour"], "margin": 9.0})
@@ -747,21 +757,13 @@ def test_a_library_without_curvature_gets_no_shape_check_and_older_models_keep_t
 
 
 def test_a_hand_edited_shape_check_is_refused(fitted, dome):
-    import json
-
     from cfr_core.engine.gate import SHAPE
-    from cfr_core.io.artifacts import model_from_parts, model_metadata
+    from cfr_core.io.artifacts import model_from_parts
 
-    meta = json.loads(json.dumps(model_metadata(fitted)))
+    meta, refused = _edit_refuser(fitted)
     gate_meta = meta["library_gate"]
     bank = fitted.tensors()["gate.shape"]
     spec = gate_meta["shape"]
-
-    def refused(match, tensors=None, **changes):
-        edited = {**meta, "library_gate": {**gate_meta, **changes}}
-        with pytest.raises(ValueError, match=match):
-            model_from_parts(edited, {**fitted.tensors(), **(tensors or {})})
-
     limit = gate_meta["limits"][SHAPE]
     refused("leave-one-out peaks", limits={**gate_meta["limits"], SHAPE: limit * 3})
     refused("leave-one-out peaks", shape={**spec, "margin": 9.0})

@@ -468,15 +468,20 @@ def _sampled_rows(features: FeatureSet, i: int) -> tuple[dict[str, torch.Tensor]
         "points": features.points[i][:, mask].T.float(),
     }
     for check, maps in ((COLOUR, features.colour), (SHAPE, features.shape)):
-        if maps is None:
-            continue
-        if tuple(maps.shape[-2:]) != tuple(mask.shape):
-            raise ValueError(
-                f"the {check} map is {tuple(maps.shape[-2:])}, the feature grid {tuple(mask.shape)}"
-            )
-        picked = maps[i][:, mask].T.float()  # shape: NaN where there is no curvature
-        rows[check] = chromaticity(picked) if check == COLOUR else picked
+        if maps is not None:
+            picked = _at_pixels(maps, i, mask, check)  # shape: NaN where there is no curvature
+            rows[check] = chromaticity(picked) if check == COLOUR else picked
     return rows, mask
+
+
+def _at_pixels(maps: torch.Tensor, i: int, mask: torch.Tensor, check: str) -> torch.Tensor:
+    """Rows of sample ``i``'s colour or shape map at the ``mask`` pixels (the map must be on
+    the feature grid)."""
+    if tuple(maps.shape[-2:]) != tuple(mask.shape):
+        raise ValueError(
+            f"the {check} map is {tuple(maps.shape[-2:])}, the feature grid {tuple(mask.shape)}"
+        )
+    return maps[i][:, mask].T.float()
 
 
 def _standardise(rows: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
@@ -511,40 +516,47 @@ def _novelties(
     out = {"rgb": 1.0 - rgb, "points": 1.0 - points, PAIRING: 1.0 - pair}
     if colour_tree is not None:
         if COLOUR not in queries:
-            raise ValueError(
-                "the library check has a colour check but the scan's features carry no "
-                "colour (build them with extract_features or features_of_scans)"
-            )
+            raise _without_maps(COLOUR)
         distance, _ = colour_tree.query(queries[COLOUR].double().numpy(), k=1)
         out[COLOUR] = torch.from_numpy(np.asarray(distance, dtype=np.float32).reshape(-1))
     if shape_tree is not None:
         if SHAPE not in queries:
-            raise ValueError(
-                "the library check has a shape check but the scan's features carry no "
-                "shape map (build them with extract_features or features_of_scans)"
-            )
+            raise _without_maps(SHAPE)
         out[SHAPE] = _shape_distances(queries[SHAPE], shape_tree)
     return out
+
+
+def _without_maps(check: str) -> ValueError:
+    """The error for a scan checked without the maps a colour or shape check reads."""
+    return ValueError(
+        f"the library check has a {check} check but the scan's features carry no {check} "
+        "map (build them with extract_features or features_of_scans)"
+    )
 
 
 def _shape_distances(rows: torch.Tensor, tree: cKDTree) -> torch.Tensor:
     """Distance of each curvature row to the nearest in ``tree``; 0 for a NaN row."""
     out = np.zeros(rows.shape[0], dtype=np.float32)
-    known = torch.isfinite(rows).all(dim=1).numpy()
+    known = _finite(rows).numpy()
     if known.any():
         distance, _ = tree.query(rows[known].double().numpy(), k=1)
         out[known] = np.asarray(distance, dtype=np.float32).reshape(-1)
     return torch.from_numpy(out)
 
 
+def _finite(rows: torch.Tensor) -> torch.Tensor:
+    """Which curvature rows are numbers (where the cloud could tell)."""
+    return torch.isfinite(rows).all(dim=1)
+
+
 def _known(rows: torch.Tensor) -> torch.Tensor:
-    """The curvature rows that are numbers (where the cloud could tell)."""
-    return rows[torch.isfinite(rows).all(dim=1)]
+    """The curvature rows that are numbers."""
+    return rows[_finite(rows)]
 
 
 def _read_share(rows: torch.Tensor) -> float:
     """The share of a scan's sampled pixels whose curvature could be read."""
-    return len(_known(rows)) / max(len(rows), 1)
+    return float(_finite(rows).float().mean()) if len(rows) else 0.0
 
 
 def shape_unread(gate: LibraryGate, features: FeatureSet, i: int = 0) -> float:
@@ -553,13 +565,11 @@ def shape_unread(gate: LibraryGate, features: FeatureSet, i: int = 0) -> float:
     compare, and must not pass the scan unseen)."""
     if gate.min_shape_read is None:
         raise ValueError("this gate has no shape check")
-    rows, _ = _sampled_rows(features, i)
-    if SHAPE not in rows:
-        raise ValueError(
-            "the library check has a shape check but the scan's features carry no shape map "
-            "(build them with extract_features or features_of_scans)"
-        )
-    return max(0.0, 1.0 - _read_share(rows[SHAPE]) / gate.min_shape_read)
+    if features.shape is None:
+        raise _without_maps(SHAPE)
+    # only the shape map at the sampled pixels (not every feature row _sampled_rows gathers)
+    rows = _at_pixels(features.shape, i, _sampled_mask(features, i), SHAPE)
+    return max(0.0, 1.0 - _read_share(rows) / gate.min_shape_read)
 
 
 def _blurred(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -851,9 +861,8 @@ def gate_decision(model, score: float, features: FeatureSet) -> GateDecision:
     """The quality gate on one scan: the model's score against its gate threshold and,
     when the model holds a library check, the scan's foreground and its novelty per
     modality, of the RGB-3D pairing, of its own colour and of its shape against their
-    limits. A model
-    without a
-    threshold cannot gate (it fails closed: an error, never a pass)."""
+    limits (and, with a shape check, how much of its shape could be read). A model without
+    a threshold cannot gate (it fails closed: an error, never a pass)."""
     limit = model.gate_threshold if model.gate_threshold is not None else model.threshold
     if limit is None:
         raise DataError(
