@@ -835,3 +835,73 @@ def test_points_packed_absurdly_close_give_no_shape_and_no_hang():
     y, x = np.mgrid[0:40, 0:40] * 1e-12
     cloud = np.stack([x, y, np.full_like(x, 0.5)], -1)
     assert torch.isnan(shape_grid(cloud, 16)).all()
+
+
+def _pressed(scan, depth_mm: float, sigma_mm: float = 3.5):
+    """(rgb, xyz, centre) of a synthetic scan with a dent pressed ``depth_mm`` towards the
+    table at the point of its surface farthest inside the part among those the method's
+    5 mm clearance erases (the colour untouched)."""
+    import numpy as np
+    from scipy import ndimage
+
+    from cfr_core.data.pointcloud import preprocess, valid_mask
+
+    out = preprocess(scan.xyz, scan.rgb, surface=True)
+    top, _, left, _ = out.pad
+    h, w = scan.xyz.shape[:2]
+    surface = valid_mask(out.surface)[top : top + h, left : left + w]
+    erased = surface & ~valid_mask(out.xyz)[top : top + h, left : left + w]
+    inside = ndimage.distance_transform_edt(ndimage.binary_fill_holes(surface)) * erased
+    cy, cx = np.unravel_index(np.argmax(inside), inside.shape)
+    xyz = scan.xyz.astype(np.float64)
+    valid = valid_mask(scan.xyz)
+    d2 = (xyz[..., 0] - xyz[cy, cx, 0]) ** 2 + (xyz[..., 1] - xyz[cy, cx, 1]) ** 2
+    # towards the table: along the plane's normal, away from the camera
+    normal = out.plane.normal * np.sign(out.plane.normal[2])
+    bump = depth_mm / 1000 * np.exp(-0.5 * d2 / (sigma_mm / 1000) ** 2) * valid
+    xyz += bump[..., None] * normal
+    return scan.rgb, xyz.astype(np.float32), (cy + top, cx + left)
+
+
+def test_the_shape_check_reads_a_thin_part_where_the_method_sees_nothing():
+    """A 5 mm studded plate: the method's preprocessing erases about half of it, so the 3D
+    features (and, before the surface view, the shape check) never see that half. The shape
+    check reads it from the scan's surface view: its pixels reach beyond the 3D
+    foreground, a good plate passes and a 2.5 mm dent (5 mm wide) pressed into the erased half is
+    stopped by the shape check."""
+    from cfr_core.data.prepare import prepare_arrays
+    from cfr_core.data.synth import render_sample
+    from cfr_core.engine.features import features_of_scans
+    from cfr_core.engine.gate import SHAPE, _sampled_mask, _shape_mask
+
+    ex = build_extractors(EXTRACTORS)
+    pre = FitConfig().preprocess
+
+    def prepared(rgb, xyz, key):
+        return prepare_arrays(rgb, xyz, None, pre, key)
+
+    library = [render_sample("studded", "good", 5, "train", i, 256) for i in range(8)]
+    lib = features_of_scans([prepared(s.rgb, s.xyz, f"lib{i}") for i, s in enumerate(library)], ex)
+    gate = build_library_gate(lib, margin=0.05)
+    assert SHAPE in gate.checks
+    # the shape check reads far more of each scan than it would from the method's cloud
+    scans = [prepared(s.rgb, s.xyz, f"lib{i}") for i, s in enumerate(library[:3])]
+    bare = features_of_scans([replace(s, surface=None) for s in scans], ex)
+    for i in range(len(scans)):
+        read, before = (
+            int(_shape_mask(f, i, _sampled_mask(f, i)).logical_and(f.shape[i][0].isfinite()).sum())
+            for f in (lib, bare)
+        )
+        assert read > 1.5 * before
+    good = render_sample("studded", "good", 5, "test", 0, 256)
+    rgb, xyz, centre = _pressed(good, 2.5, sigma_mm=5.0)
+    feats = features_of_scans(
+        [prepared(good.rgb, good.xyz, "good"), prepared(rgb, xyz, "dent")], ex
+    )
+    cell = (centre[0] * GRID // 300, centre[1] * GRID // 300)
+    assert not feats.foreground[1][cell]  # where the 3D features have nothing
+    peaks = novelty_peaks(gate, feats)
+    assert peaks[0][SHAPE] <= gate.limits[SHAPE]
+    assert peaks[1][SHAPE] > 1.5 * gate.limits[SHAPE]
+    # the other checks see the dent far less (the RGB image is untouched)
+    assert peaks[1]["rgb"] == pytest.approx(peaks[0]["rgb"], rel=0.2)

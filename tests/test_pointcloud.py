@@ -5,6 +5,8 @@ import torch.nn.functional as F
 
 from cfr_core.data.mvtec import index_category
 from cfr_core.data.pointcloud import (
+    SURFACE_MIN_CLEARANCE,
+    SURFACE_TABLE_SIGMAS,
     PreprocessConfig,
     border_mask,
     fit_plane_ransac,
@@ -13,6 +15,8 @@ from cfr_core.data.pointcloud import (
     preprocess,
     resize_nearest,
     sanitize,
+    surface_clearance,
+    table_noise,
     valid_mask,
 )
 from cfr_core.errors import DataError, ShapeMismatchError
@@ -125,6 +129,54 @@ def test_preprocess_non_square_and_already_clean_cloud(synth_root):
     again = preprocess(first.xyz)  # no table left in the border: the plane step is skipped
     assert again.plane is None and again.n_plane_removed == 0
     assert np.array_equal(valid_mask(again.xyz), valid_mask(first.xyz))
+
+
+def test_the_surface_view_keeps_a_thin_part_that_the_method_clears():
+    """A 5 mm plate with 2.2 mm studs (synthetic studded, table noise 0.25 mm): the method's
+    5 mm clearance erases much of the plate, and the cluster step then drops the studs that
+    stood on the erased part; the surface view, cleared down to 5 table-noise deviations,
+    keeps the whole plate and no table point. Neither changes the input."""
+    from cfr_core.data.synth import render_sample
+
+    scan = render_sample("studded", "good", 3, "train", 0, 128)
+    before = scan.xyz.copy()
+    out = preprocess(scan.xyz, scan.rgb, surface=True)
+    assert np.array_equal(scan.xyz, before)
+    assert preprocess(scan.xyz, scan.rgb).surface is None  # only made when asked
+    noise = table_noise(scan.xyz, out.plane)
+    assert noise == pytest.approx(0.00025, rel=0.15)  # what the generator draws
+    clearance = surface_clearance(scan.xyz, out.plane)
+    assert clearance == pytest.approx(SURFACE_TABLE_SIGMAS * noise)
+    surface, prepared = valid_mask(out.surface), valid_mask(out.xyz)
+    assert out.surface.shape == out.xyz.shape and (prepared <= surface).all()
+    heights = out.plane.distance(out.surface[surface].astype(np.float64))
+    assert heights.min() > clearance  # no table point
+    # the points the method's clearance takes (the plate's lower half, the studs beyond it)
+    lower = np.zeros_like(surface)
+    lower[surface] = heights <= PreprocessConfig().plane_clear_distance
+    assert lower.sum() > 0.3 * surface.sum() and not (lower & prepared).any()
+    assert surface.sum() > 1.5 * prepared.sum()
+    # and it keeps every raw point above its clearance, bar the specks the cluster step drops
+    raw = pad_to_square(sanitize(scan.xyz), 100)
+    above = valid_mask(raw)
+    above[above] = out.plane.distance(raw[above].astype(np.float64)) > clearance
+    assert surface.sum() >= 0.97 * above.sum()
+
+
+def test_the_surface_clearance_follows_the_table_noise_within_bounds():
+    """No noise: the floor; a table noisier than the method's clearance: that clearance; a
+    cloud without a table in its border (already clean): the surface is the prepared cloud."""
+    n = 80
+    y, x = (np.mgrid[0:n, 0:n] - n / 2) * 0.0005
+    rng = np.random.default_rng(0)
+    inside = (np.abs(x) < 0.01) & (np.abs(y) < 0.01)
+    for sigma, expected in ((0.0, SURFACE_MIN_CLEARANCE), (0.002, 0.005)):
+        z = 0.3 - 0.012 * inside + rng.normal(0, sigma, size=x.shape) * ~inside
+        xyz = np.stack([x, y, z], -1).astype(np.float32)
+        out = preprocess(xyz, surface=True)
+        assert surface_clearance(xyz, out.plane) == pytest.approx(expected)
+    clean = preprocess(out.xyz, surface=True)
+    assert clean.plane is None and np.array_equal(clean.surface, clean.xyz)
 
 
 def test_preprocess_bad_clouds():

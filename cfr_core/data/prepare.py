@@ -19,6 +19,10 @@ class PreparedScan:
     ``mask`` is the ground truth padded like the images (all False for good parts).
     ``plane`` is (unit normal (3,), offset) of the removed table, or None when the
     cloud had no table left to fit (already background-free).
+    ``surface`` is the cloud the quality gate's shape check reads: the table cleared only
+    down to its own noise, so a thin part keeps its lower surface
+    (:func:`cfr_core.data.pointcloud.preprocess`); None where a caller built the scan
+    without it (the shape check then reads ``xyz``).
     """
 
     rgb: np.ndarray  # uint8 S×S×3
@@ -26,6 +30,7 @@ class PreparedScan:
     mask: np.ndarray  # bool S×S
     plane: tuple[np.ndarray, float] | None
     key: str = ""
+    surface: np.ndarray | None = None  # float32 S×S×3 like xyz
 
 
 def prepare_arrays(
@@ -37,13 +42,20 @@ def prepare_arrays(
 ) -> PreparedScan:
     cfg = config or PreprocessConfig()
     check_scan_size(*xyz.shape[:2], None)
-    result = preprocess(xyz, rgb, cfg)
+    result = preprocess(xyz, rgb, cfg, surface=True)
     if mask is None:
         padded_mask = np.zeros(result.xyz.shape[:2], dtype=bool)
     else:
         padded_mask = pad_to_square(mask.astype(bool), cfg.pad_multiple)
     plane = None if result.plane is None else (result.plane.normal, result.plane.offset)
-    return PreparedScan(rgb=result.rgb, xyz=result.xyz, mask=padded_mask, plane=plane, key=key)
+    return PreparedScan(
+        rgb=result.rgb,
+        xyz=result.xyz,
+        mask=padded_mask,
+        plane=plane,
+        key=key,
+        surface=result.surface,
+    )
 
 
 def prepare_sample(sample: Sample, config: PreprocessConfig | None = None) -> PreparedScan:

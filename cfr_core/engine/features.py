@@ -23,7 +23,13 @@ from safetensors.torch import load_file, save_file
 from cfr_core.config import ExtractorConfig
 from cfr_core.data.io import atomic_path, sha256_file
 from cfr_core.data.mvtec import Sample
-from cfr_core.data.pointcloud import PreprocessConfig, pad_to_square, resize_nearest
+from cfr_core.data.pointcloud import (
+    SURFACE_MIN_CLEARANCE,
+    SURFACE_TABLE_SIGMAS,
+    PreprocessConfig,
+    pad_to_square,
+    resize_nearest,
+)
 from cfr_core.data.prepare import PreparedScan, prepare_sample
 from cfr_core.engine.surface import (
     SHAPE_DESCRIPTOR,
@@ -38,7 +44,10 @@ log = logging.getLogger(__name__)
 
 #: the feature cache's name for the shape maps (a changed setting never reuses an entry)
 #: SHAPE_VERSION counts changes to how the maps are computed (an older entry is not reused)
-SHAPE_ID = f"shape v{SHAPE_VERSION}:{SHAPE_DESCRIPTOR}:{SHAPE_SCALE_MM}mm:{SHAPE_SUPPORT}"
+SHAPE_ID = (
+    f"shape v{SHAPE_VERSION}:{SHAPE_DESCRIPTOR}:{SHAPE_SCALE_MM}mm:{SHAPE_SUPPORT}"
+    f":surface {SURFACE_TABLE_SIGMAS} sigma, floor {SURFACE_MIN_CLEARANCE} m"
+)
 
 
 @dataclass
@@ -150,6 +159,12 @@ def _sample_colour(sample: Sample, preprocess: PreprocessConfig, grid: int) -> t
     return colour_grid(pad_to_square(sample.load_rgb(), preprocess.pad_multiple, "edge"), grid)
 
 
+def surface_of(scan: PreparedScan) -> np.ndarray:
+    """The cloud the shape check reads: the scan's surface view, or its prepared cloud
+    where the scan was built without one."""
+    return scan.xyz if scan.surface is None else scan.surface
+
+
 def features_of_scans(
     scans: Sequence[PreparedScan],
     extractors: tuple[Extractor, Extractor],
@@ -161,7 +176,7 @@ def features_of_scans(
     pts = pts_ex(list(scans)).detach().cpu().half().float()
     masks = torch.stack([torch.from_numpy(resize_nearest(s.mask, rgb_ex.grid)) for s in scans])
     colour = torch.stack([colour_grid(s.rgb, rgb_ex.grid) for s in scans])
-    shape = torch.stack([shape_grid(s.xyz, rgb_ex.grid) for s in scans])
+    shape = torch.stack([shape_grid(surface_of(s), rgb_ex.grid) for s in scans])
     names = list(keys) if keys is not None else [s.key for s in scans]
     return FeatureSet(rgb, pts, masks, names, colour, shape)
 
@@ -216,7 +231,7 @@ def extract_features(
                     cache.put(keys[chunk[j], m], feat)
         for j, i in enumerate(chunk):
             if shape_maps[i] is None:
-                shape_maps[i] = shape_grid(scans[j].xyz, grid)
+                shape_maps[i] = shape_grid(surface_of(scans[j]), grid)
                 if cache is not None:
                     cache.put(keys[i, 2], shape_maps[i])
         done += len(chunk)

@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from scipy.spatial import cKDTree
 
 from cfr_core.config import ScoringConfig
+from cfr_core.data.pointcloud import SURFACE_TABLE_SIGMAS
 from cfr_core.engine.features import FeatureSet
 from cfr_core.engine.surface import (
     SHAPE_DESCRIPTOR,
@@ -411,9 +412,11 @@ _SETTINGS = {
             "version": SHAPE_VERSION,
             "scale_mm": SHAPE_SCALE_MM,
             "support": SHAPE_SUPPORT,
+            "table_sigmas": SURFACE_TABLE_SIGMAS,
         },
         f"another descriptor than this code's ({SHAPE_DESCRIPTOR} v{SHAPE_VERSION} over "
-        f"{SHAPE_SCALE_MM} mm, support {SHAPE_SUPPORT})",
+        f"{SHAPE_SCALE_MM} mm, support {SHAPE_SUPPORT}, the table cleared down to "
+        f"{SURFACE_TABLE_SIGMAS:g} times its noise)",
     ),
 }
 
@@ -467,11 +470,36 @@ def _sampled_rows(features: FeatureSet, i: int) -> tuple[dict[str, torch.Tensor]
         "rgb": features.rgb[i][:, mask].T.float(),
         "points": features.points[i][:, mask].T.float(),
     }
-    for check, maps in ((COLOUR, features.colour), (SHAPE, features.shape)):
-        if maps is not None:
-            picked = _at_pixels(maps, i, mask, check)  # shape: NaN where there is no curvature
-            rows[check] = chromaticity(picked) if check == COLOUR else picked
+    if features.colour is not None:
+        rows[COLOUR] = chromaticity(_at_pixels(features.colour, i, mask, COLOUR))
+    if features.shape is not None:
+        at = _shape_mask(features, i, mask)
+        rows[SHAPE] = _at_pixels(features.shape, i, at, SHAPE)  # NaN: no curvature there
+        rows[_SHAPE_PIXELS] = at
     return rows, mask
+
+
+#: the key under which a sample's shape-check pixels travel with its rows
+_SHAPE_PIXELS = "shape pixels"
+
+
+def _shape_mask(features: FeatureSet, i: int, mask: torch.Tensor) -> torch.Tensor:
+    """The pixels the shape check reads: the sampled foreground ``mask`` and, on the same
+    stride, every pixel where the scan's surface view shows a curvature (the lower surface
+    of a thin part, which the method's preprocessing clears and the 3D features never see)."""
+    shape = features.shape[i]
+    if tuple(shape.shape[-2:]) != tuple(mask.shape):
+        raise ValueError(
+            f"the {SHAPE} map is {tuple(shape.shape[-2:])}, the feature grid {tuple(mask.shape)}"
+        )
+    stride = torch.zeros_like(mask)
+    stride[::GATE_STRIDE, ::GATE_STRIDE] = True
+    return mask | (stride & torch.isfinite(shape).all(dim=0))
+
+
+def _pixels(rows: dict[str, torch.Tensor], mask: torch.Tensor, check: str) -> torch.Tensor:
+    """The pixel mask of ``check``'s values in a sample's ``rows``."""
+    return rows[_SHAPE_PIXELS] if check == SHAPE else mask
 
 
 def _at_pixels(maps: torch.Tensor, i: int, mask: torch.Tensor, check: str) -> torch.Tensor:
@@ -492,9 +520,9 @@ def _unit_rows(rows: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]):
     """A sample's rows per modality, standardised on the library, unit length (and its
     chromaticity and curvature rows as they are)."""
     out = {m: F.normalize(_standardise(rows[m], stats[m]), dim=1) for m in MODALITIES}
-    for check in (COLOUR, SHAPE):
-        if check in rows:
-            out[check] = rows[check]
+    for key in (COLOUR, SHAPE, _SHAPE_PIXELS):
+        if key in rows:
+            out[key] = rows[key]
     return out
 
 
@@ -567,8 +595,9 @@ def shape_unread(gate: LibraryGate, features: FeatureSet, i: int = 0) -> float:
         raise ValueError("this gate has no shape check")
     if features.shape is None:
         raise _without_maps(SHAPE)
-    # only the shape map at the sampled pixels (not every feature row _sampled_rows gathers)
-    rows = _at_pixels(features.shape, i, _sampled_mask(features, i), SHAPE)
+    # only the shape map at its pixels (not every feature row _sampled_rows gathers)
+    mask = _shape_mask(features, i, _sampled_mask(features, i))
+    rows = _at_pixels(features.shape, i, mask, SHAPE)
     return max(0.0, 1.0 - _read_share(rows) / gate.min_shape_read)
 
 
@@ -739,7 +768,7 @@ def build_library_gate(
             shape_tree = cKDTree(others_shape.double().numpy())
         for c, values in _novelties(rows, others, tree, shape_tree).items():
             # colour distances are small (sensor-noise scale): keep more decimals
-            loo[c].append(round(_peak(values, mask), 9 if c == COLOUR else 6))
+            loo[c].append(round(_peak(values, _pixels(rows, mask, c)), 9 if c == COLOUR else 6))
     if colour_margin is not None and (
         _grey(library.colour) or max(loo[COLOUR]) < ONE_COLOUR_SPREAD
     ):
@@ -788,7 +817,7 @@ def novelty_maps(gate: LibraryGate, features: FeatureSet, i: int = 0) -> dict[st
     shape_tree = gate.shape_tree() if SHAPE in gate.checks else None
     values = _novelties(_unit_rows(rows, gate.stats), gate.banks, tree, shape_tree)
     for m in gate.checks:
-        coarse = _blurred(values[m], mask)
+        coarse = _blurred(values[m], _pixels(rows, mask, m))
         grid = coarse.repeat_interleave(GATE_STRIDE, 0).repeat_interleave(GATE_STRIDE, 1)
         out[m] = grid[: mask.shape[0], : mask.shape[1]]
     return out

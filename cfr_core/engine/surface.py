@@ -7,6 +7,11 @@ normals, at the scale of a few points) see it only as the scanner's noise does.
 
 How a map is made from an organized cloud (metres, zeros = missing or removed):
 
+* The cloud is the scan's *surface view* (:attr:`cfr_core.data.prepare.PreparedScan.surface`):
+  the table plane cleared only down to five times its own measured noise, where the
+  method's preprocessing clears 5 mm. A part thinner than that (a 5 mm plate, the floor
+  of a deep dent in a 6 mm tile) would otherwise lose its lower surface, and a dent
+  whose floor was cleared would read as a hole, which the check skips.
 * The depth (the cloud's z, in mm) is smoothed by a Gaussian of ``SHAPE_SCALE_MM``
   over the valid points only (normalised convolution: missing points, the shadows at
   steep walls and dropout holes, are left out, never read as depth 0). The pixel pitch
@@ -41,8 +46,9 @@ SHAPE_SCALE_MM = 2.0
 #: holes and shadows read as curvature; at 0.9 a good dome scan reached 2.8x the
 #: leave-one-out limit, at 0.97 no good scan passed 2.1x; bench/results/gate_notes.md)
 SHAPE_SUPPORT = 0.97
-#: counts changes to how a map is computed from a cloud (the feature cache keys on it)
-SHAPE_VERSION = 3
+#: counts changes to how a map is computed from a cloud (the feature cache keys on it);
+#: 4: read from the scan's surface view (the table cleared down to its noise, not 5 mm)
+SHAPE_VERSION = 4
 #: a grid cell is read only when (almost) all of its pixels are supported
 _CELL_COVER = 0.99
 
