@@ -660,7 +660,7 @@ def pictures(args) -> None:
                 dpi=80,
             )
             for row, i in enumerate(picks):
-                scan = prepare_sample(samples[i], FitConfig().preprocess)
+                scan = prepare_sample(samples[i], FitConfig().preprocess, surface=False)
                 label = samples[i].defect + (
                     f" ({looks[i]}{', unseen' if looks is not None and looks[i] not in seen_looks else ''})"
                     if looks is not None

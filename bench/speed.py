@@ -201,7 +201,7 @@ def job_stages(root: str, config: str, shots: int, epochs: int, n: int, strides,
     for j, sample in enumerate(samples):
         timer = floor if j else StageTimer(device)
         with timer("preprocess"):
-            scan = prepare_sample(sample, cfg.preprocess)
+            scan = prepare_sample(sample, cfg.preprocess, surface=False)  # the method's cloud only
         scans.append(scan)
         with timer("rgb extraction"):
             rgb = rgb_ex([scan]).half().float()

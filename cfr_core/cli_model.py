@@ -313,7 +313,7 @@ def evaluate_cmd(model_dir, root, json_out, maps_dir, overwrite, cache, device):
         vmax = float(np.quantile(ev.result.maps.numpy(), 0.999))
         with atomic_folder(maps_dir, overwrite) as tmp:
             for i, sample in enumerate(samples):
-                scan = prepare_sample(sample, model.config.preprocess)
+                scan = prepare_sample(sample, model.config.preprocess, surface=False)
                 pic = overlay(scan.rgb, ev.result.maps[i].numpy(), vmax, ev.masks[i].numpy())
                 failed = model.threshold is not None and ev.scores[i] > model.threshold
                 save_overlay(

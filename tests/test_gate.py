@@ -1,5 +1,6 @@
 """The quality gate's library check (cfr_core.engine.gate) on real synthetic scans."""
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -754,6 +755,16 @@ def test_a_library_without_curvature_gets_no_shape_check_and_older_models_keep_t
     assert "3D shape novelty" not in gate_decision(older, 0.0, dome["ribbed"]).checks
     with pytest.raises(ValueError, match="without a shape limit"):
         model_from_parts(meta, fitted.tensors())
+    # one saved by an older version of the descriptor (before the surface view): it loads
+    # without its shape check, whose curvatures this code no longer computes, and says so
+    meta = json.loads(json.dumps(model_metadata(fitted)))
+    spec = meta["library_gate"]["shape"]
+    meta["library_gate"]["shape"] = {**spec, "version": 3, "table_sigmas": None}
+    outdated = model_from_parts(meta, fitted.tensors())
+    assert outdated.library_gate.checks == (*MODALITIES, PAIRING, "colour")
+    assert outdated.library_gate.shape_outdated == 3
+    assert "built by version 3" in gate_summary(outdated) and "refit" in gate_summary(outdated)
+    assert "3D shape novelty" not in gate_decision(outdated, 0.0, dome["ribbed"]).checks
 
 
 def test_a_hand_edited_shape_check_is_refused(fitted, dome):
@@ -770,7 +781,7 @@ def test_a_hand_edited_shape_check_is_refused(fitted, dome):
     refused("another descriptor", shape={**spec, "scale_mm": 3.0})
     refused("another descriptor", shape={**spec, "support": 0.5})
     refused("another descriptor", shape={**spec, "descriptor": "normals"})
-    refused("another descriptor", shape={**spec, "version": 1})
+    refused("another descriptor", shape={**spec, "version": spec["version"] + 1})  # newer code's
     refused("shape margin must be >= 0", shape={**spec, "margin": -0.5})
     refused("finite number", shape={**spec, "margin": "1"})
     refused("without its shape settings", shape=None)
@@ -783,7 +794,7 @@ def test_a_hand_edited_shape_check_is_refused(fitted, dome):
     refused("non-finite", tensors={"gate.shape": torch.full_like(bank, float("nan"))})
     refused("first is not the larger", tensors={"gate.shape": bank.flip(1) - 1.0})
     # a bank denser than the library could ever give (it would explain every dent)
-    rows = fitted.tensors()["gate.rgb"].shape[0] + 1
+    rows = len(fitted.library_gate.scans) * math.ceil(GRID / GATE_STRIDE) ** 2 + 1
     refused("more than the library", tensors={"gate.shape": bank[:1].expand(rows, 2).clone()})
     for bad in (0.0, 1.5, None, "0.5"):
         refused("min_shape_read", min_shape_read=bad)

@@ -189,7 +189,7 @@ def evaluation_report(
         ][:6]
         vmax = float(np.quantile(ev.result.maps.numpy(), 0.999))
         for i in picks:
-            scan = prepare_sample(samples[i], cfg.preprocess)
+            scan = prepare_sample(samples[i], cfg.preprocess, surface=False)
             pictures.append(overlay(scan.rgb, ev.result.maps[i].numpy(), vmax, ev.masks[i].numpy()))
         meta["metrics"] = metrics_table(report)
         meta["image_auroc"] = report["image_auroc"]

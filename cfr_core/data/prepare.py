@@ -39,10 +39,13 @@ def prepare_arrays(
     mask: np.ndarray | None = None,
     config: PreprocessConfig | None = None,
     key: str = "",
+    surface: bool = True,
 ) -> PreparedScan:
+    """The prepared scan of the arrays; ``surface=False`` skips the surface view (one cluster
+    step less) where only the method's cloud or the RGB image is read."""
     cfg = config or PreprocessConfig()
     check_scan_size(*xyz.shape[:2], None)
-    result = preprocess(xyz, rgb, cfg, surface=True)
+    result = preprocess(xyz, rgb, cfg, surface=surface)
     if mask is None:
         padded_mask = np.zeros(result.xyz.shape[:2], dtype=bool)
     else:
@@ -58,11 +61,13 @@ def prepare_arrays(
     )
 
 
-def prepare_sample(sample: Sample, config: PreprocessConfig | None = None) -> PreparedScan:
+def prepare_sample(
+    sample: Sample, config: PreprocessConfig | None = None, surface: bool = True
+) -> PreparedScan:
     """Load and preprocess one sample; errors name the sample's xyz file."""
     rgb, xyz, mask = sample.load()
     try:
-        return prepare_arrays(rgb, xyz, mask, config, key=sample.key)
+        return prepare_arrays(rgb, xyz, mask, config, key=sample.key, surface=surface)
     except DataError as exc:
         if exc.path is not None:
             raise

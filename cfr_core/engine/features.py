@@ -215,7 +215,8 @@ def extract_features(
     done = len(samples) - len(todo)
     for s in range(0, len(todo), batch_size):
         chunk = todo[s : s + batch_size]
-        scans = [prepare_sample(samples[i], preprocess) for i in chunk]
+        # the surface view only where the shape map is to be computed
+        scans = [prepare_sample(samples[i], preprocess, shape_maps[i] is None) for i in chunk]
         need_rgb = [j for j, i in enumerate(chunk) if rgb_maps[i] is None]
         need_pts = [j for j, i in enumerate(chunk) if pts_maps[i] is None]
         for need, ex, store, m in (

@@ -152,6 +152,8 @@ class LibraryGate:
     shape_margin: float | None = None  # None: no shape check
     # the smallest share of a library scan's sampled foreground with a curvature (shape check)
     min_shape_read: float | None = None
+    # the descriptor version of a shape check dropped on load (an older code built it)
+    shape_outdated: int | None = None
     # built on first use; not init fields, so dataclasses.replace() never carries a tree
     # that belongs to another bank
     _colour_tree: cKDTree | None = field(default=None, init=False, repr=False, compare=False)
@@ -213,6 +215,7 @@ class LibraryGate:
         meta: dict[str, Any] | None,
         tensors: dict[str, torch.Tensor],
         dims: dict[str, int] | None = None,
+        grid: int | None = None,
     ) -> LibraryGate | None:
         """The gate of a saved model, or None (no library check was built for it).
 
@@ -224,13 +227,20 @@ class LibraryGate:
         chromaticity rows in [0, 1], one per library pixel, of this code's colour space, and
         the shape bank float32 curvature pairs (larger first, no more rows than library
         pixels) of this code's descriptor, with a limit in (0, 1/mm] and the share of the
-        least-read library scan in (0, 1]."""
+        least-read library scan in (0, 1] (``grid``: the feature grid's side, which bounds the
+        shape bank at the library's sampled pixels; without it, at the RGB bank's rows).
+
+        A shape check that an older version of the descriptor built is dropped, not
+        refused (its curvatures are not comparable with what this code computes, and the
+        gate's other checks still hold): ``shape_outdated`` then names that version and
+        :func:`gate_summary` says to refit."""
         if meta is None:
             if any(k.startswith("gate.") for k in tensors):
                 raise ValueError("gate tensors without library_gate in model.json")
             return None
         if not isinstance(meta, dict):
             raise ValueError(f"library_gate must be an object, got {type(meta).__name__}")
+        meta, tensors, outdated = _without_outdated_shape(meta, tensors)
         if (meta.get("stride"), meta.get("blur")) != (
             GATE_STRIDE,
             [list(b) for b in GATE_BLUR],
@@ -356,10 +366,13 @@ class LibraryGate:
                 raise ValueError(
                     f"{key} holds non-finite curvatures or rows whose first is not the larger"
                 )
-            if bank.shape[0] > banks["rgb"].shape[0]:
+            # the check reads every GATE_STRIDE-th pixel of each library scan's grid
+            most = banks["rgb"].shape[0]
+            if grid is not None:
+                most = len(scans) * math.ceil(grid / GATE_STRIDE) ** 2
+            if bank.shape[0] > most:
                 raise ValueError(
-                    f"{key} has {bank.shape[0]} rows, more than the library's "
-                    f"{banks['rgb'].shape[0]} sampled pixels"
+                    f"{key} has {bank.shape[0]} rows, more than the library's {most} sampled pixels"
                 )
             banks[SHAPE] = bank
         shape_read = meta.get("min_shape_read")
@@ -383,7 +396,31 @@ class LibraryGate:
             colour_margin,
             shape_margin,
             shape_read,
+            outdated,
         )
+
+
+def _without_outdated_shape(
+    meta: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], int | None]:
+    """A saved gate without its shape check when an older version of this code's
+    descriptor built it (and that version); otherwise the gate as it is, and None."""
+    spec = meta.get(SHAPE)
+    if not isinstance(spec, dict):
+        return meta, tensors, None
+    version = spec.get("version")
+    if not (
+        spec.get("descriptor") == SHAPE_DESCRIPTOR
+        and isinstance(version, int)
+        and not isinstance(version, bool)
+        and 1 <= version < SHAPE_VERSION
+    ):
+        return meta, tensors, None
+    meta = {k: v for k, v in meta.items() if k not in (SHAPE, "min_shape_read")}
+    for key in ("limits", "loo_peaks"):
+        if isinstance(meta.get(key), dict):
+            meta[key] = {c: v for c, v in meta[key].items() if c != SHAPE}
+    return meta, {k: v for k, v in tensors.items() if k != f"gate.{SHAPE}"}, version
 
 
 def _own_bank(tensors: dict[str, torch.Tensor], check: str, has_limit: bool):
@@ -930,7 +967,12 @@ def gate_summary(model) -> str:
             " (no colour check: the model predates it, or every library scan shows one "
             "colour, as from a grey-scale camera)"
         )
-    if SHAPE not in gate.checks:
+    if gate.shape_outdated is not None:
+        older += (
+            f" (no shape check: it was built by version {gate.shape_outdated} of the "
+            f"curvature descriptor, this code reads version {SHAPE_VERSION}: refit to restore it)"
+        )
+    elif SHAPE not in gate.checks:
         older += (
             " (no shape check: the model predates it, or the library's clouds show no "
             "curvature, too sparse or full of holes, or none that differs between them)"

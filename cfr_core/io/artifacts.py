@@ -274,5 +274,7 @@ def model_from_parts(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
     if "bank.rgb" in tensors:
         model.banks = Banks(tensors["bank.rgb"], tensors["bank.keys"], tensors["bank.values"])
     model.joint_bank = tensors.get("bank.joint")
-    model.library_gate = LibraryGate.from_parts(meta.get("library_gate"), tensors, model.dims)
+    model.library_gate = LibraryGate.from_parts(
+        meta.get("library_gate"), tensors, model.dims, config.extractors.grid
+    )
     return model
