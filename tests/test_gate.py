@@ -884,6 +884,7 @@ def test_the_shape_check_reads_a_thin_part_where_the_method_sees_nothing():
     from cfr_core.data.synth import render_sample
     from cfr_core.engine.features import features_of_scans
     from cfr_core.engine.gate import SHAPE, _sampled_mask, _shape_mask
+    from cfr_core.engine.surface import shape_grid
 
     ex = build_extractors(EXTRACTORS)
     pre = FitConfig().preprocess
@@ -897,13 +898,17 @@ def test_the_shape_check_reads_a_thin_part_where_the_method_sees_nothing():
     assert SHAPE in gate.checks
     # the shape check reads far more of each scan than it would from the method's cloud
     scans = [prepared(s.rgb, s.xyz, f"lib{i}") for i, s in enumerate(library[:3])]
-    bare = features_of_scans([replace(s, surface=None) for s in scans], ex)
+    method = torch.stack([shape_grid(s.xyz, GRID) for s in scans])  # the method's 5 mm cloud
+    bare = replace(lib.select(range(len(scans))), shape=method)
     for i in range(len(scans)):
         read, before = (
             int(_shape_mask(f, i, _sampled_mask(f, i)).logical_and(f.shape[i][0].isfinite()).sum())
             for f in (lib, bare)
         )
         assert read > 1.5 * before
+    # a scan prepared without its surface view is refused, never read from the 5 mm cloud
+    with pytest.raises(ValueError, match="without its surface view"):
+        features_of_scans([replace(scans[0], surface=None)], ex)
     good = render_sample("studded", "good", 5, "test", 0, 256)
     rgb, xyz, centre = _pressed(good, 2.5, sigma_mm=5.0)
     feats = features_of_scans(
@@ -916,3 +921,34 @@ def test_the_shape_check_reads_a_thin_part_where_the_method_sees_nothing():
     assert peaks[1][SHAPE] > 1.5 * gate.limits[SHAPE]
     # the other checks see the dent far less (the RGB image is untouched)
     assert peaks[1]["rgb"] == pytest.approx(peaks[0]["rgb"], rel=0.2)
+
+
+def test_a_readable_rim_does_not_make_up_for_an_unread_part():
+    """The shape guard reads the share of the sampled *foreground* with a curvature: a scan
+    whose surface view shows a readable rim beyond its 3D foreground (a thin part's lower
+    surface) but no curvature on the foreground itself is '3D shape unread', as it was
+    before the surface view."""
+    from cfr_core.engine.features import FeatureSet
+    from cfr_core.engine.gate import SHAPE, SHAPE_UNREAD_LIMIT, shape_unread
+
+    g = 16
+    fg = torch.zeros(g, g, dtype=torch.bool)
+    fg[4:12, 4:12] = True
+    rim = torch.zeros(g, g, dtype=torch.bool)
+    rim[:3] = rim[13:] = True
+
+    def scans(n, seed, part_read):
+        gen = torch.Generator().manual_seed(seed)
+        rgb = torch.randn(n, 8, g, g, generator=gen) * fg
+        points = (torch.randn(n, 4, g, g, generator=gen) + 3) * fg
+        curv = (torch.rand(n, 2, g, g, generator=gen) * 0.05).sort(dim=1, descending=True).values
+        shape = torch.full((n, 2, g, g), float("nan"))
+        read = (fg if part_read else torch.zeros_like(fg)) | rim
+        shape[:, :, read] = curv[:, :, read]
+        masks = torch.zeros(n, g, g, dtype=torch.bool)
+        return FeatureSet(rgb, points, masks, [f"s{seed}-{i}" for i in range(n)], None, shape)
+
+    gate = build_library_gate(scans(4, 0, True), margin=0.1, colour_margin=None)
+    assert SHAPE in gate.checks and gate.min_shape_read == 1.0
+    assert shape_unread(gate, scans(1, 1, True)) == 0.0
+    assert shape_unread(gate, scans(1, 2, False)) == 1.0 > SHAPE_UNREAD_LIMIT

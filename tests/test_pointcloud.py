@@ -179,6 +179,52 @@ def test_the_surface_clearance_follows_the_table_noise_within_bounds():
     assert clean.plane is None and np.array_equal(clean.surface, clean.xyz)
 
 
+def _dome_on_table(n=256, pitch=0.0004, noise=0.0004, seed=0):
+    """An organized cloud of a 10 mm dome on a 2 mm foot, on a table seen from 0.5 m, and
+    the dome's footprint."""
+    y, x = (np.mgrid[0:n, 0:n] - (n - 1) / 2) * pitch
+    r = np.hypot(x, y)
+    part = r < 0.02
+    height = np.where(part, 0.002 + 0.008 * np.sqrt(np.clip(1 - (r / 0.02) ** 2, 0, 1)), 0)
+    z = 0.5 - height + np.random.default_rng(seed).normal(0, noise, size=x.shape)
+    return np.stack([x, y, z], -1), part
+
+
+def test_the_surface_view_holds_no_table_from_coarse_depth_few_border_points_or_a_dip():
+    """Depth stored in whole millimetres (a median deviation near 0): the clearance covers
+    the step; a border with too few table points to tell: the method's clearance; a dip in
+    the table below its plane: not part of the surface (the part's side only)."""
+    xyz, part = _dome_on_table()
+    pad = ((22, 22), (22, 22))
+
+    def table_points(out):
+        return int((valid_mask(out.surface) & ~np.pad(part, pad)).sum())
+
+    coarse = xyz.copy()
+    coarse[..., 2] = np.round(coarse[..., 2] / 0.001) * 0.001
+    out = preprocess(coarse.astype(np.float32), surface=True)
+    assert table_noise(coarse, out.plane) < 0.0001  # the median deviation is fooled
+    assert surface_clearance(coarse, out.plane) >= 0.001 and table_points(out) == 0
+    assert valid_mask(out.surface).sum() > 1.1 * valid_mask(out.xyz).sum()  # the 2 mm foot
+
+    few = xyz.copy()
+    border = border_mask(few.shape[:2], PreprocessConfig().border_width)
+    rows, cols = np.nonzero(border)
+    drop = np.random.default_rng(1).permutation(len(rows))[10:]  # 10 border points left
+    few[rows[drop], cols[drop]] = 0.0
+    out = preprocess(few.astype(np.float32), surface=True)
+    assert table_noise(few, out.plane) is None
+    assert surface_clearance(few, out.plane) == PreprocessConfig().plane_clear_distance
+    assert np.array_equal(out.surface, out.xyz)
+
+    dipped = xyz.copy()
+    y, x = dipped[..., 1], dipped[..., 0]
+    dip = (np.hypot(x - 0.03, y - 0.03) < 0.008) & ~part
+    dipped[..., 2] += 0.003 * dip  # 3 mm below the table, away from the camera
+    out = preprocess(dipped.astype(np.float32), surface=True)
+    assert table_points(out) == 0
+
+
 def test_preprocess_bad_clouds():
     with pytest.raises(DataError, match="no valid point"):
         preprocess(np.zeros((50, 50, 3), np.float32))

@@ -16,7 +16,9 @@ the bottom of a deep dent in a 6 mm tile). The method's features read that cloud
 the method prescribes. The quality gate's shape check reads a second view, the
 *surface* (``preprocess(..., surface=True)``): the same plane, cleared only down to
 ``SURFACE_TABLE_SIGMAS`` times the table's own measured noise (never more than
-``plane_clear_distance``), then the same cluster step.
+``plane_clear_distance``), keeping only the part's side of the table, then the same
+cluster step. A table that rises inside the view where the border does not show it is
+kept as part of the surface (the method's 5 mm hides rises up to 5 mm).
 """
 
 from __future__ import annotations
@@ -60,6 +62,13 @@ class PreprocessConfig:
 SURFACE_TABLE_SIGMAS = 5.0
 #: nor closer to the table than this (metres), for a border that reads without noise
 SURFACE_MIN_CLEARANCE = 0.0005
+#: nor closer than this quantile of the border points' distances to the plane: depth stored
+#: in coarse steps (whole millimetres) has a median deviation near 0 while the table spans
+#: a step (on Gaussian noise it is 3.3 deviations, so the 5 above decide)
+SURFACE_TABLE_QUANTILE = 0.999
+#: the table's noise is read only from at least this many border points near the plane;
+#: with fewer, the surface view keeps the method's clearance
+SURFACE_MIN_TABLE_POINTS = 200
 
 
 def _check_cloud(xyz: np.ndarray) -> None:
@@ -349,16 +358,23 @@ def remove_background_plane(
     return cloud, plane, removed
 
 
-def table_noise(xyz: np.ndarray, plane: Plane, config: PreprocessConfig | None = None) -> float:
-    """Robust standard deviation (metres, 1.4826 × median absolute deviation) of the
-    border points' signed distances to ``plane``, over the points within RANSAC's inlier
-    distance (what lies beyond belongs to something else); 0.0 when none does."""
-    cfg = config or PreprocessConfig()
+def _table_distances(xyz: np.ndarray, plane: Plane, cfg: PreprocessConfig) -> np.ndarray:
+    """Signed distances (metres) to ``plane`` of the border points within RANSAC's inlier
+    distance of it (what lies beyond belongs to something else)."""
     border = _border_points(sanitize(xyz), cfg).astype(np.float64)
     signed = border @ plane.normal + plane.offset
-    signed = signed[np.abs(signed) <= cfg.ransac_inlier_distance]
-    if len(signed) == 0:
-        return 0.0
+    return signed[np.abs(signed) <= cfg.ransac_inlier_distance]
+
+
+def table_noise(
+    xyz: np.ndarray, plane: Plane, config: PreprocessConfig | None = None
+) -> float | None:
+    """Robust standard deviation (metres, 1.4826 × median absolute deviation) of the border
+    points' signed distances to ``plane``; None when fewer than
+    ``SURFACE_MIN_TABLE_POINTS`` border points lie near it (too few to tell)."""
+    signed = _table_distances(xyz, plane, config or PreprocessConfig())
+    if len(signed) < SURFACE_MIN_TABLE_POINTS:
+        return None
     return float(1.4826 * np.median(np.abs(signed - np.median(signed))))
 
 
@@ -366,11 +382,33 @@ def surface_clearance(
     xyz: np.ndarray, plane: Plane, config: PreprocessConfig | None = None
 ) -> float:
     """How close to the table (metres) the surface view keeps points: the table's noise ×
-    ``SURFACE_TABLE_SIGMAS``, at least ``SURFACE_MIN_CLEARANCE``, at most the method's
-    ``plane_clear_distance``."""
+    ``SURFACE_TABLE_SIGMAS``, or the ``SURFACE_TABLE_QUANTILE`` of the border points'
+    distances when that is larger (depth stored in coarse steps, or a table with
+    outliers), at least ``SURFACE_MIN_CLEARANCE``, at most the method's
+    ``plane_clear_distance``; the method's clearance when the border shows too little
+    table to tell."""
     cfg = config or PreprocessConfig()
-    noise = table_noise(xyz, plane, cfg) * SURFACE_TABLE_SIGMAS
-    return min(cfg.plane_clear_distance, max(SURFACE_MIN_CLEARANCE, noise))
+    signed = _table_distances(xyz, plane, cfg)
+    if len(signed) < SURFACE_MIN_TABLE_POINTS:
+        return cfg.plane_clear_distance
+    noise = 1.4826 * float(np.median(np.abs(signed - np.median(signed))))
+    spread = float(np.quantile(np.abs(signed), SURFACE_TABLE_QUANTILE))
+    clearance = max(SURFACE_MIN_CLEARANCE, SURFACE_TABLE_SIGMAS * noise, spread)
+    return min(cfg.plane_clear_distance, clearance)
+
+
+def _above_table(cloud: np.ndarray, plane: Plane, clearance: float) -> np.ndarray:
+    """A copy of ``cloud`` with only the points more than ``clearance`` from ``plane`` on the
+    part's side of it (the side with more such points: a dip in the table, or a speck
+    below it, is not part of the surface)."""
+    cloud = cloud.copy()
+    valid = valid_mask(cloud)
+    signed = cloud[valid].astype(np.float64) @ plane.normal + plane.offset
+    side = 1.0 if (signed > clearance).sum() >= (signed < -clearance).sum() else -1.0
+    drop = np.zeros(valid.shape, dtype=bool)
+    drop[valid] = side * signed <= clearance
+    cloud[drop] = 0.0  # what is not a valid point is left as it is, as the method does
+    return cloud
 
 
 def _largest_cluster_only(cloud: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, int]:
@@ -436,7 +474,7 @@ def preprocess(
         if plane is None:  # no table in the view: the surface is the prepared cloud
             surface_view = padded.copy()
         else:
-            near, _ = _clear_plane(raw, plane, surface_clearance(raw, plane, cfg))
+            near = _above_table(raw, plane, surface_clearance(raw, plane, cfg))
             near, _ = _largest_cluster_only(near, cfg)
             surface_view = pad_to_square(near, cfg.pad_multiple, "constant")
     rgb_out = None if rgb is None else pad_to_square(rgb, cfg.pad_multiple, "edge")

@@ -25,6 +25,8 @@ from cfr_core.data.io import atomic_path, sha256_file
 from cfr_core.data.mvtec import Sample
 from cfr_core.data.pointcloud import (
     SURFACE_MIN_CLEARANCE,
+    SURFACE_MIN_TABLE_POINTS,
+    SURFACE_TABLE_QUANTILE,
     SURFACE_TABLE_SIGMAS,
     PreprocessConfig,
     pad_to_square,
@@ -46,7 +48,8 @@ log = logging.getLogger(__name__)
 #: SHAPE_VERSION counts changes to how the maps are computed (an older entry is not reused)
 SHAPE_ID = (
     f"shape v{SHAPE_VERSION}:{SHAPE_DESCRIPTOR}:{SHAPE_SCALE_MM}mm:{SHAPE_SUPPORT}"
-    f":surface {SURFACE_TABLE_SIGMAS} sigma, floor {SURFACE_MIN_CLEARANCE} m"
+    f":surface {SURFACE_TABLE_SIGMAS} sigma, q {SURFACE_TABLE_QUANTILE}, floor "
+    f"{SURFACE_MIN_CLEARANCE} m, {SURFACE_MIN_TABLE_POINTS} points, one side"
 )
 
 
@@ -160,9 +163,14 @@ def _sample_colour(sample: Sample, preprocess: PreprocessConfig, grid: int) -> t
 
 
 def surface_of(scan: PreparedScan) -> np.ndarray:
-    """The cloud the shape check reads: the scan's surface view, or its prepared cloud
-    where the scan was built without one."""
-    return scan.xyz if scan.surface is None else scan.surface
+    """The cloud the shape check reads: the scan's surface view (refused when the scan was
+    prepared without one: its map would silently read the method's 5 mm cloud)."""
+    if scan.surface is None:
+        raise ValueError(
+            f"scan {scan.key or '(unnamed)'} was prepared without its surface view, which the "
+            "shape map reads: prepare it with surface=True (the default)"
+        )
+    return scan.surface
 
 
 def features_of_scans(

@@ -69,7 +69,12 @@ import torch.nn.functional as F
 from scipy.spatial import cKDTree
 
 from cfr_core.config import ScoringConfig
-from cfr_core.data.pointcloud import SURFACE_TABLE_SIGMAS
+from cfr_core.data.pointcloud import (
+    SURFACE_MIN_CLEARANCE,
+    SURFACE_MIN_TABLE_POINTS,
+    SURFACE_TABLE_QUANTILE,
+    SURFACE_TABLE_SIGMAS,
+)
 from cfr_core.engine.features import FeatureSet
 from cfr_core.engine.surface import (
     SHAPE_DESCRIPTOR,
@@ -228,7 +233,7 @@ class LibraryGate:
         the shape bank float32 curvature pairs (larger first, no more rows than library
         pixels) of this code's descriptor, with a limit in (0, 1/mm] and the share of the
         least-read library scan in (0, 1] (``grid``: the feature grid's side, which bounds the
-        shape bank at the library's sampled pixels; without it, at the RGB bank's rows).
+        shape bank at the library's sampled pixels; without it, the bank's size is not checked).
 
         A shape check that an older version of the descriptor built is dropped, not
         refused (its curvatures are not comparable with what this code computes, and the
@@ -367,9 +372,7 @@ class LibraryGate:
                     f"{key} holds non-finite curvatures or rows whose first is not the larger"
                 )
             # the check reads every GATE_STRIDE-th pixel of each library scan's grid
-            most = banks["rgb"].shape[0]
-            if grid is not None:
-                most = len(scans) * math.ceil(grid / GATE_STRIDE) ** 2
+            most = math.inf if grid is None else len(scans) * math.ceil(grid / GATE_STRIDE) ** 2
             if bank.shape[0] > most:
                 raise ValueError(
                     f"{key} has {bank.shape[0]} rows, more than the library's {most} sampled pixels"
@@ -400,6 +403,11 @@ class LibraryGate:
         )
 
 
+#: descriptor versions that saved models hold and this code no longer computes (3: the
+#: shape check read the method's cloud, before the surface view); no other version shipped
+_OUTDATED_SHAPE_VERSIONS = (3,)
+
+
 def _without_outdated_shape(
     meta: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], int | None]:
@@ -413,7 +421,7 @@ def _without_outdated_shape(
         spec.get("descriptor") == SHAPE_DESCRIPTOR
         and isinstance(version, int)
         and not isinstance(version, bool)
-        and 1 <= version < SHAPE_VERSION
+        and version in _OUTDATED_SHAPE_VERSIONS
     ):
         return meta, tensors, None
     meta = {k: v for k, v in meta.items() if k not in (SHAPE, "min_shape_read")}
@@ -450,6 +458,9 @@ _SETTINGS = {
             "scale_mm": SHAPE_SCALE_MM,
             "support": SHAPE_SUPPORT,
             "table_sigmas": SURFACE_TABLE_SIGMAS,
+            "table_quantile": SURFACE_TABLE_QUANTILE,
+            "table_floor_m": SURFACE_MIN_CLEARANCE,
+            "table_points": SURFACE_MIN_TABLE_POINTS,
         },
         f"another descriptor than this code's ({SHAPE_DESCRIPTOR} v{SHAPE_VERSION} over "
         f"{SHAPE_SCALE_MM} mm, support {SHAPE_SUPPORT}, the table cleared down to "
@@ -532,6 +543,12 @@ def _shape_mask(features: FeatureSet, i: int, mask: torch.Tensor) -> torch.Tenso
     stride = torch.zeros_like(mask)
     stride[::GATE_STRIDE, ::GATE_STRIDE] = True
     return mask | (stride & torch.isfinite(shape).all(dim=0))
+
+
+def _on_foreground(rows: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """A sample's curvature rows at its sampled foreground ``mask`` only (its shape rows
+    cover the shape check's pixels, which hold that mask)."""
+    return rows[SHAPE][mask[rows[_SHAPE_PIXELS]]]
 
 
 def _pixels(rows: dict[str, torch.Tensor], mask: torch.Tensor, check: str) -> torch.Tensor:
@@ -632,9 +649,10 @@ def shape_unread(gate: LibraryGate, features: FeatureSet, i: int = 0) -> float:
         raise ValueError("this gate has no shape check")
     if features.shape is None:
         raise _without_maps(SHAPE)
-    # only the shape map at its pixels (not every feature row _sampled_rows gathers)
-    mask = _shape_mask(features, i, _sampled_mask(features, i))
-    rows = _at_pixels(features.shape, i, mask, SHAPE)
+    # the share is read on the sampled foreground, the pixels every scan has, whatever
+    # else its surface view shows (a readable rim must not make up for an unread part);
+    # only the shape map there (not every feature row _sampled_rows gathers)
+    rows = _at_pixels(features.shape, i, _sampled_mask(features, i), SHAPE)
     return max(0.0, 1.0 - _read_share(rows) / gate.min_shape_read)
 
 
@@ -777,7 +795,12 @@ def build_library_gate(
     shape_read = None
     if shape_margin is not None:  # the least-read library scan that shows a curvature at all
         shape_read = min(
-            (r for r in (_read_share(p[0][SHAPE]) for p in pieces) if r > 0), default=0
+            (
+                r
+                for r in (_read_share(_on_foreground(rows, mask)) for rows, mask in pieces)
+                if r > 0
+            ),
+            default=0,
         )
     if max_scans is not None and size > max_scans:
         # the check is then exactly the check of the kept scans (standardised on them)
