@@ -22,7 +22,8 @@ class PreparedScan:
     ``surface`` is the cloud the quality gate's shape check reads: the table cleared only
     down to its own noise, so a thin part keeps its lower surface
     (:func:`cfr_core.data.pointcloud.preprocess`); None where a caller built the scan
-    without it (the shape check then reads ``xyz``).
+    without it (``surface=False``), and such a scan gives no shape map: feature
+    extraction refuses it rather than read the 5 mm cloud.
     """
 
     rgb: np.ndarray  # uint8 S×S×3
