@@ -327,16 +327,6 @@ def _border_points(cloud: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     return cloud[strips]
 
 
-def _clear_plane(cloud: np.ndarray, plane: Plane, distance: float) -> tuple[np.ndarray, int]:
-    """A copy of ``cloud`` without the points within ``distance`` of ``plane``."""
-    cloud = cloud.copy()
-    valid = valid_mask(cloud)
-    on_plane = np.zeros(valid.shape, dtype=bool)
-    on_plane[valid] = plane.distance(cloud[valid].astype(np.float64)) <= distance
-    cloud[on_plane] = 0.0
-    return cloud, int(on_plane.sum())
-
-
 def remove_background_plane(
     xyz: np.ndarray, config: PreprocessConfig | None = None
 ) -> tuple[np.ndarray, Plane | None, int]:
@@ -354,8 +344,11 @@ def remove_background_plane(
         return cloud, None, 0
     rng = np.random.default_rng(cfg.seed)
     plane = fit_plane_ransac(border, cfg.ransac_inlier_distance, cfg.ransac_iterations, rng)
-    cloud, removed = _clear_plane(cloud, plane, cfg.plane_clear_distance)
-    return cloud, plane, removed
+    valid = valid_mask(cloud)
+    on_plane = np.zeros(valid.shape, dtype=bool)
+    on_plane[valid] = plane.distance(cloud[valid].astype(np.float64)) <= cfg.plane_clear_distance
+    cloud[on_plane] = 0.0
+    return cloud, plane, int(on_plane.sum())
 
 
 def _table_distances(xyz: np.ndarray, plane: Plane, cfg: PreprocessConfig) -> np.ndarray:
@@ -373,9 +366,13 @@ def table_noise(
     points' signed distances to ``plane``; None when fewer than
     ``SURFACE_MIN_TABLE_POINTS`` border points lie near it (too few to tell)."""
     signed = _table_distances(xyz, plane, config or PreprocessConfig())
-    if len(signed) < SURFACE_MIN_TABLE_POINTS:
-        return None
-    return float(1.4826 * np.median(np.abs(signed - np.median(signed))))
+    return _robust_deviation(signed) if len(signed) >= SURFACE_MIN_TABLE_POINTS else None
+
+
+def _robust_deviation(values: np.ndarray) -> float:
+    """1.4826 × the median absolute deviation: the standard deviation of Gaussian values,
+    unmoved by a minority of outliers."""
+    return 1.4826 * float(np.median(np.abs(values - np.median(values))))
 
 
 def surface_clearance(
@@ -391,9 +388,9 @@ def surface_clearance(
     signed = _table_distances(xyz, plane, cfg)
     if len(signed) < SURFACE_MIN_TABLE_POINTS:
         return cfg.plane_clear_distance
-    noise = 1.4826 * float(np.median(np.abs(signed - np.median(signed))))
     spread = float(np.quantile(np.abs(signed), SURFACE_TABLE_QUANTILE))
-    clearance = max(SURFACE_MIN_CLEARANCE, SURFACE_TABLE_SIGMAS * noise, spread)
+    noise = SURFACE_TABLE_SIGMAS * _robust_deviation(signed)
+    clearance = max(SURFACE_MIN_CLEARANCE, noise, spread)
     return min(cfg.plane_clear_distance, clearance)
 
 

@@ -23,34 +23,16 @@ from safetensors.torch import load_file, save_file
 from cfr_core.config import ExtractorConfig
 from cfr_core.data.io import atomic_path, sha256_file
 from cfr_core.data.mvtec import Sample
-from cfr_core.data.pointcloud import (
-    SURFACE_MIN_CLEARANCE,
-    SURFACE_MIN_TABLE_POINTS,
-    SURFACE_TABLE_QUANTILE,
-    SURFACE_TABLE_SIGMAS,
-    PreprocessConfig,
-    pad_to_square,
-    resize_nearest,
-)
+from cfr_core.data.pointcloud import PreprocessConfig, pad_to_square, resize_nearest
 from cfr_core.data.prepare import PreparedScan, prepare_sample
-from cfr_core.engine.surface import (
-    SHAPE_DESCRIPTOR,
-    SHAPE_SCALE_MM,
-    SHAPE_SUPPORT,
-    SHAPE_VERSION,
-    shape_grid,
-)
+from cfr_core.engine.surface import SHAPE_SETTINGS, shape_grid
 from cfr_core.features.base import Extractor, create_extractor
 
 log = logging.getLogger(__name__)
 
-#: the feature cache's name for the shape maps (a changed setting never reuses an entry)
-#: SHAPE_VERSION counts changes to how the maps are computed (an older entry is not reused)
-SHAPE_ID = (
-    f"shape v{SHAPE_VERSION}:{SHAPE_DESCRIPTOR}:{SHAPE_SCALE_MM}mm:{SHAPE_SUPPORT}"
-    f":surface {SURFACE_TABLE_SIGMAS} sigma, q {SURFACE_TABLE_QUANTILE}, floor "
-    f"{SURFACE_MIN_CLEARANCE} m, {SURFACE_MIN_TABLE_POINTS} points, one side"
-)
+#: the feature cache's name for the shape maps: every setting they depend on, so a changed
+#: setting (or SHAPE_VERSION, which counts changes to the computation) never reuses an entry
+SHAPE_ID = "shape " + json.dumps(SHAPE_SETTINGS, sort_keys=True)
 
 
 @dataclass
@@ -177,14 +159,19 @@ def features_of_scans(
     scans: Sequence[PreparedScan],
     extractors: tuple[Extractor, Extractor],
     keys: Sequence[str] | None = None,
+    gate_maps: bool = True,
 ) -> FeatureSet:
-    """Features of already prepared scans (no cache), rounded through float16 like cached ones."""
+    """Features of already prepared scans (no cache), rounded through float16 like cached ones;
+    ``gate_maps=False`` leaves out the colour and shape maps that only the quality gate
+    reads (a gate refuses such features)."""
     rgb_ex, pts_ex = extractors
     rgb = rgb_ex(list(scans)).detach().cpu().half().float()
     pts = pts_ex(list(scans)).detach().cpu().half().float()
     masks = torch.stack([torch.from_numpy(resize_nearest(s.mask, rgb_ex.grid)) for s in scans])
-    colour = torch.stack([colour_grid(s.rgb, rgb_ex.grid) for s in scans])
-    shape = torch.stack([shape_grid(surface_of(s), rgb_ex.grid) for s in scans])
+    colour = shape = None
+    if gate_maps:
+        colour = torch.stack([colour_grid(s.rgb, rgb_ex.grid) for s in scans])
+        shape = torch.stack([shape_grid(surface_of(s), rgb_ex.grid) for s in scans])
     names = list(keys) if keys is not None else [s.key for s in scans]
     return FeatureSet(rgb, pts, masks, names, colour, shape)
 

@@ -69,16 +69,12 @@ import torch.nn.functional as F
 from scipy.spatial import cKDTree
 
 from cfr_core.config import ScoringConfig
-from cfr_core.data.pointcloud import (
-    SURFACE_MIN_CLEARANCE,
-    SURFACE_MIN_TABLE_POINTS,
-    SURFACE_TABLE_QUANTILE,
-    SURFACE_TABLE_SIGMAS,
-)
+from cfr_core.data.pointcloud import SURFACE_TABLE_SIGMAS
 from cfr_core.engine.features import FeatureSet
 from cfr_core.engine.surface import (
     SHAPE_DESCRIPTOR,
     SHAPE_SCALE_MM,
+    SHAPE_SETTINGS,
     SHAPE_SUPPORT,
     SHAPE_VERSION,
 )
@@ -452,16 +448,7 @@ _SETTINGS = {
         f"another colour space than this code's ({COLOUR_SPACE}, dark floor {DARK_FLOOR})",
     ),
     SHAPE: (
-        {
-            "descriptor": SHAPE_DESCRIPTOR,
-            "version": SHAPE_VERSION,
-            "scale_mm": SHAPE_SCALE_MM,
-            "support": SHAPE_SUPPORT,
-            "table_sigmas": SURFACE_TABLE_SIGMAS,
-            "table_quantile": SURFACE_TABLE_QUANTILE,
-            "table_floor_m": SURFACE_MIN_CLEARANCE,
-            "table_points": SURFACE_MIN_TABLE_POINTS,
-        },
+        SHAPE_SETTINGS,
         f"another descriptor than this code's ({SHAPE_DESCRIPTOR} v{SHAPE_VERSION} over "
         f"{SHAPE_SCALE_MM} mm, support {SHAPE_SUPPORT}, the table cleared down to "
         f"{SURFACE_TABLE_SIGMAS:g} times its noise)",
@@ -498,9 +485,14 @@ def _sampled_mask(features: FeatureSet, i: int) -> torch.Tensor:
     """The pixels of sample ``i`` the check reads: its foreground on every GATE_STRIDE-th
     row and column."""
     fg = features.foreground[i]
-    grid = torch.zeros_like(fg)
+    return fg & _stride_grid(fg)
+
+
+def _stride_grid(like: torch.Tensor) -> torch.Tensor:
+    """True on every GATE_STRIDE-th row and column of a grid shaped like ``like``."""
+    grid = torch.zeros_like(like, dtype=torch.bool)
     grid[::GATE_STRIDE, ::GATE_STRIDE] = True
-    return fg & grid
+    return grid
 
 
 def chromaticity(colour: torch.Tensor) -> torch.Tensor:
@@ -535,14 +527,8 @@ def _shape_mask(features: FeatureSet, i: int, mask: torch.Tensor) -> torch.Tenso
     """The pixels the shape check reads: the sampled foreground ``mask`` and, on the same
     stride, every pixel where the scan's surface view shows a curvature (the lower surface
     of a thin part, which the method's preprocessing clears and the 3D features never see)."""
-    shape = features.shape[i]
-    if tuple(shape.shape[-2:]) != tuple(mask.shape):
-        raise ValueError(
-            f"the {SHAPE} map is {tuple(shape.shape[-2:])}, the feature grid {tuple(mask.shape)}"
-        )
-    stride = torch.zeros_like(mask)
-    stride[::GATE_STRIDE, ::GATE_STRIDE] = True
-    return mask | (stride & torch.isfinite(shape).all(dim=0))
+    _check_grid(features.shape, mask, SHAPE)
+    return mask | (_stride_grid(mask) & torch.isfinite(features.shape[i]).all(dim=0))
 
 
 def _on_foreground(rows: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -559,11 +545,16 @@ def _pixels(rows: dict[str, torch.Tensor], mask: torch.Tensor, check: str) -> to
 def _at_pixels(maps: torch.Tensor, i: int, mask: torch.Tensor, check: str) -> torch.Tensor:
     """Rows of sample ``i``'s colour or shape map at the ``mask`` pixels (the map must be on
     the feature grid)."""
+    _check_grid(maps, mask, check)
+    return maps[i][:, mask].T.float()
+
+
+def _check_grid(maps: torch.Tensor, mask: torch.Tensor, check: str) -> None:
+    """Refuse colour or shape maps that are not on the feature grid of ``mask``."""
     if tuple(maps.shape[-2:]) != tuple(mask.shape):
         raise ValueError(
             f"the {check} map is {tuple(maps.shape[-2:])}, the feature grid {tuple(mask.shape)}"
         )
-    return maps[i][:, mask].T.float()
 
 
 def _standardise(rows: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:

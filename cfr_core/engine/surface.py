@@ -37,6 +37,13 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from cfr_core.data.pointcloud import (
+    SURFACE_MIN_CLEARANCE,
+    SURFACE_MIN_TABLE_POINTS,
+    SURFACE_TABLE_QUANTILE,
+    SURFACE_TABLE_SIGMAS,
+)
+
 #: the descriptor and its settings, saved with a model's shape check (refused when they differ)
 SHAPE_DESCRIPTOR = "principal curvatures"
 #: Gaussian smoothing of the depth, in millimetres (development, a scratch study: 2 mm held
@@ -49,6 +56,18 @@ SHAPE_SUPPORT = 0.97
 #: counts changes to how a map is computed from a cloud (the feature cache keys on it);
 #: 4: read from the scan's surface view (the table cleared down to its noise, not 5 mm)
 SHAPE_VERSION = 4
+#: everything a shape map depends on: the feature cache keys on it, and a saved shape check
+#: built with other settings is refused
+SHAPE_SETTINGS = {
+    "descriptor": SHAPE_DESCRIPTOR,
+    "version": SHAPE_VERSION,
+    "scale_mm": SHAPE_SCALE_MM,
+    "support": SHAPE_SUPPORT,
+    "table_sigmas": SURFACE_TABLE_SIGMAS,
+    "table_quantile": SURFACE_TABLE_QUANTILE,
+    "table_floor_m": SURFACE_MIN_CLEARANCE,
+    "table_points": SURFACE_MIN_TABLE_POINTS,
+}
 #: a grid cell is read only when (almost) all of its pixels are supported
 _CELL_COVER = 0.99
 
