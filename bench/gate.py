@@ -59,6 +59,7 @@ from cfr_core.config import (  # noqa: E402
     PreprocessConfig,
     ScoringConfig,
 )
+from cfr_core.data.prepare import prepare_sample  # noqa: E402
 from cfr_core.data.synth import DEV_CATEGORIES, REPORT_CATEGORIES  # noqa: E402
 from cfr_core.engine import FeatureCache, build_extractors, evaluate, extract_features  # noqa: E402
 from cfr_core.engine.fit import library_samples, test_samples  # noqa: E402
@@ -142,6 +143,20 @@ def library_path(split: str) -> Path:
     return SOURCES[split].parent / "library.jsonl"
 
 
+def _prepare_seconds(samples, pre: PreprocessConfig) -> tuple[float, float]:
+    """Seconds per scan to prepare ``samples`` without the surface view, and what the view
+    adds (each scan both ways, one after the other, so the machine's load hits both alike)."""
+    plain = view = 0.0
+    for sample in samples:
+        t0 = time.perf_counter()
+        prepare_sample(sample, pre, surface=False)
+        t1 = time.perf_counter()
+        prepare_sample(sample, pre, surface=True)
+        t2 = time.perf_counter()
+        plain, view = plain + (t1 - t0), view + (t2 - t1)
+    return plain / len(samples), (view - plain) / len(samples)
+
+
 def collect_library(split: str) -> None:
     """The library check's leave-one-out and test novelty peaks of every category of ``split``.
 
@@ -163,6 +178,7 @@ def collect_library(split: str) -> None:
         t1 = time.perf_counter()
         peaks = novelty_peaks(gate, test_features)
         t2 = time.perf_counter()
+        prepare, surface = _prepare_seconds(lib, pre)
         lines.append(
             {
                 "category": cat,
@@ -195,6 +211,9 @@ def collect_library(split: str) -> None:
                 ),
                 "build_seconds": round(t1 - t0, 2),
                 "check_seconds_per_scan": round((t2 - t1) / len(test), 3),
+                # preparing a landing scan, and what its surface view adds (the shape check's)
+                "prepare_seconds_per_scan": round(prepare, 3),
+                "surface_seconds_per_scan": round(surface, 3),
             }
         )
         print(
@@ -549,12 +568,14 @@ def summarise(rows: list[dict], shots: int) -> str:
             "foreground pixel of the 12 library scans (float16 RGB and 3D features, float32 "
             "chromaticity for the colour check).",
             "",
-            "| category | bank rows | bank MB | build (leave-one-out) s | check s / scan |",
-            "|---|---|---|---|---|",
+            "| category | bank rows | bank MB | build (leave-one-out) s | check s / scan | "
+            "prepare s / scan | + surface view s / scan |",
+            "|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {c['category']} | {c['bank_rows']} | {c['bank_mb']} | {c['build_seconds']} | "
-            f"{c['check_seconds_per_scan']} |"
+            f"{c['check_seconds_per_scan']} | {c.get('prepare_seconds_per_scan', '–')} | "
+            f"{c.get('surface_seconds_per_scan', '–')} |"
             for c in costs
         ]
         lines.append("")

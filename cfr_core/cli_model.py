@@ -340,7 +340,9 @@ def score_cmd(model_dir, rgb, xyz, heatmap, as_json):
     from cfr_core.engine.score import score_arrays
 
     model, extractors = load_checked(model_dir)
-    result = score_arrays(model, extractors, read_rgb(rgb), read_xyz(xyz), str(xyz))
+    result = score_arrays(
+        model, extractors, read_rgb(rgb), read_xyz(xyz), str(xyz), gate_maps=False
+    )
     score, verdict = result.score, result.verdict
     if heatmap:
         from cfr_core.scoring.overlay import save_overlay

@@ -909,6 +909,11 @@ def test_the_shape_check_reads_a_thin_part_where_the_method_sees_nothing():
     # a scan prepared without its surface view is refused, never read from the 5 mm cloud
     with pytest.raises(ValueError, match="without its surface view"):
         features_of_scans([replace(scans[0], surface=None)], ex)
+    # without the gate's maps (scoring on the line) it needs none, and a gate refuses those
+    plain = features_of_scans([replace(scans[0], surface=None)], ex, gate_maps=False)
+    assert plain.shape is None and plain.colour is None
+    with pytest.raises(ValueError, match="carry no"):
+        novelty_peaks(gate, plain)
     good = render_sample("studded", "good", 5, "test", 0, 256)
     rgb, xyz, centre = _pressed(good, 2.5, sigma_mm=5.0)
     feats = features_of_scans(

@@ -41,18 +41,23 @@ def score_arrays(
     rgb: np.ndarray,
     xyz: np.ndarray,
     source: str = "",
+    gate_maps: bool = True,
 ) -> ScanScore:
-    """Preprocess, extract and score; errors name ``source`` (the xyz file)."""
+    """Preprocess, extract and score; errors name ``source`` (the xyz file).
+    ``gate_maps=False``: without the surface view and the colour and shape maps that only
+    the quality gate reads (scoring on the line needs none of them)."""
     if rgb.shape[:2] != xyz.shape[:2]:
         raise ShapeMismatchError(
             f"RGB is {rgb.shape[1]}×{rgb.shape[0]} but the cloud is {xyz.shape[1]}×{xyz.shape[0]}",
             source or None,
         )
     try:
-        scan = prepare_arrays(rgb, xyz, None, model.config.preprocess, key=source)
+        scan = prepare_arrays(
+            rgb, xyz, None, model.config.preprocess, key=source, surface=gate_maps
+        )
     except DataError as exc:
         raise DataError(exc.reason, source or exc.path, exc.fix) from exc
-    features = features_of_scans([scan], extractors)
+    features = features_of_scans([scan], extractors, gate_maps=gate_maps)
     result = infer(model, features)
     value = float(result.scores[0])
     if not math.isfinite(value) or not bool(result.maps[0].isfinite().all()):
