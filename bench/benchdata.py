@@ -16,7 +16,6 @@ from cfr_core.data.mvtec import index_category
 from cfr_core.data.synth import DEV_CATEGORIES, REPORT_CATEGORIES, SynthConfig, generate
 from cfr_core.engine.features import extract_features
 from cfr_core.engine.fit import calibrate, calibration_samples
-from cfr_core.engine.infer import infer
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_CONFIG = SynthConfig(
@@ -45,37 +44,51 @@ def preset_of(extractors: ExtractorConfig) -> str:
     return next((k for k, v in EXTRACTOR_PRESETS.items() if v == pair), "+".join(pair))
 
 
-def record_scores(out: Path, data: Path, cat: str, model, ev, cache, extractors) -> None:
-    """Append one model's calibration and test scores to ``out/scores.jsonl`` (for bench/gate.py).
+def bench_calibrate(model, data: Path, cat: str, cache, extractors) -> dict:
+    """Calibrate ``model`` as ``fit`` does (unless it already is) and return every good
+    score the rule reads.
 
-    ``model`` is calibrated here as ``fit`` calibrates it (pass/fail on validation/good,
-    the gate on those and the unused train/good), so its thresholds are those the
-    pipeline would deploy.
+    The line's threshold is set on validation/good and the pool's other good scans
+    (train/good not used as shots: never seen by the model, like the library scans a
+    pipeline holds beside its shots), plus the shots' leave-one-out scores when those are
+    too few; the gate's on the first two.
     """
     cfg = model.config
-    index = index_category(data, cat).require_train()
-    shots = select_shots(index, cfg.shots, cfg.fewshot_seed).samples
-    val, source = calibration_samples(data, cat, shots)
-    features = extract_features(val, extractors, cfg.preprocess, cache)
-    # the pool's other good scans (train/good not used as shots): never seen by the model,
-    # like the library scans a pipeline holds beside its shots (the gate calibrates on both)
-    used = {s.key for s in shots}
-    rest = [s for s in index if s.key not in used]
-    rest_features = extract_features(rest, extractors, cfg.preprocess, cache) if rest else None
-    calibrate(model, features, source, rest_features)
-    pool = infer(model, rest_features).scores if rest else []
+    if model.calibration is None:
+        index = index_category(data, cat).require_train()
+        shots = select_shots(index, cfg.shots, cfg.fewshot_seed).samples
+        val, source = calibration_samples(data, cat, shots)
+        used = {s.key for s in shots}
+        rest = [s for s in index if s.key not in used]
+        features = extract_features(val, extractors, cfg.preprocess, cache)
+        rest_features = extract_features(rest, extractors, cfg.preprocess, cache) if rest else None
+        shot_features = extract_features(shots, extractors, cfg.preprocess, cache)
+        calibrate(model, features, source, rest_features, shot_features)
+    scores = model.calibration.scores
+    return {
+        "calibration": [round(x, 5) for x in scores.get("validation/good", [])],
+        "unused_train": [round(x, 5) for x in scores.get("other good scans", [])],
+        "cross_fitted": [round(x, 5) for x in scores.get("leave-one-out shots", [])],
+    }
+
+
+def record_scores(out: Path, cat: str, model, ev, raw: dict) -> None:
+    """Append one model's good scores (:func:`bench_calibrate`), thresholds and test scores
+    to ``out/scores.jsonl`` (for bench/gate.py and bench/calibration.py)."""
+    cfg = model.config
     line = {
         "preset": preset_of(cfg.extractors),
         "method": cfg.method,
         "category": cat,
         "shots": cfg.shots,
         "seed": cfg.fewshot_seed,
-        "calibration": [round(float(x), 5) for x in infer(model, features).scores],
-        "unused_train": [round(float(x), 5) for x in pool],
+        **raw,
         "threshold": model.threshold,
+        "calibration_rule": model.calibration.to_dict() if model.calibration else None,
         "gate_threshold": model.gate_threshold,
         "test_scores": [round(float(x), 5) for x in ev.scores],
         "test_labels": [int(x) for x in ev.labels],
+        "test_defects": list(ev.defects),
     }
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "scores.jsonl", "a") as fh:

@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchdata import bench_data, record_scores  # noqa: E402
+from benchdata import bench_calibrate, bench_data, record_scores  # noqa: E402
 
 from cfr_core.config import (  # noqa: E402
     DEFAULT_EXTRACTORS,
@@ -122,8 +122,9 @@ def collect(models: Path, shots: int) -> None:
             continue
         model = load_model(folder).variant(DEFAULT_METHOD)
         extractors = extractors or build_extractors(model.config.extractors)
+        raw = bench_calibrate(model, data, cat, cache, extractors)
         ev = evaluate(model, data, cache, extractors)
-        record_scores(SOURCES["dev"].parent, data, cat, model, ev, cache, extractors)
+        record_scores(SOURCES["dev"].parent, cat, model, ev, raw)
         print(f"scored {folder.name} as {DEFAULT_METHOD}", flush=True)
 
 

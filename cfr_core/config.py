@@ -173,7 +173,14 @@ class ScoringConfig:
     # with the training-free extractors, whose per-pixel maps are noisier.
     blur: tuple[tuple[int, int], ...] | None = None
     cond_top_k: int = 8  # cfr-cond: candidates among which the closest to the observed RGB wins
-    threshold_margin: float = 0.05  # decision threshold = max validation score * (1 + margin)
+    # The line's threshold (cfr_core.scoring.verdict): set for this false-reject rate on
+    # the good scans the model was not fitted on (and the shots' leave-one-out scores when
+    # those are too few); when even then the scans cannot support the target (it needs
+    # ceil((1 - target) / target) of them), the highest score * (1 + threshold_margin),
+    # said in the report and the checks. Chosen on the development categories:
+    # docs/decisions.md, bench/results/calibration.md.
+    target_false_reject: float = 0.05
+    threshold_margin: float = 0.05
     # quality gate for new good scans (cfr_core.engine.gate): the model's score must stay
     # within max score of the good scans it did not fit on * (1 + gate_margin), and the
     # novelty against the good library scans (RGB, 3D and their pairing) within its
@@ -219,6 +226,15 @@ class ScoringConfig:
             ):
                 raise ConfigError(f"theta must be a finite number or 'auto', got {self.theta!r}")
             object.__setattr__(self, "theta", float(self.theta))
+        if (
+            isinstance(self.target_false_reject, bool)
+            or not isinstance(self.target_false_reject, int | float)
+            or not 0.0 < self.target_false_reject < 0.5
+        ):
+            raise ConfigError(
+                "target_false_reject must be a share in (0, 0.5), e.g. 0.05 for 5 % of good "
+                f"parts rejected, got {self.target_false_reject!r}"
+            )
         if not 0.0 < self.theta_quantile <= 1.0:
             raise ConfigError(f"theta_quantile must be in (0, 1], got {self.theta_quantile}")
         for name in (

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,8 @@ from cfr_core.memory.bank import Banks, build_banks, build_joint_bank
 from cfr_core.metrics.report import MetricReport, compute_report
 from cfr_core.models.mappers import CrossModalMappers
 from cfr_core.models.retriever import AttentionRetriever
-from cfr_core.scoring.maps import aupro_maps, decision_threshold, gate_threshold, pixel_maps
+from cfr_core.scoring.maps import aupro_maps, gate_threshold, pixel_maps
+from cfr_core.scoring.verdict import Verdicts, calibrate_threshold, needed_scans, verdicts
 
 log = logging.getLogger(__name__)
 
@@ -252,21 +253,58 @@ def calibration_samples(
     return list(shots), "the shots themselves (optimistic: add validation/good samples)"
 
 
-def calibrate(
-    model: FittedModel, features: FeatureSet, source: str, unseen: FeatureSet | None = None
-) -> float:
-    """The line's pass/fail threshold and the quality gate's threshold, from normal samples'
-    scores (:func:`~cfr_core.scoring.maps.decision_threshold`, :func:`~cfr_core.scoring.maps.gate_threshold`).
+@torch.no_grad()
+def cross_fitted_scores(model: FittedModel, shots: FeatureSet) -> list[float]:
+    """Leave-one-shot-out scores: each shot scored by ``model`` with its banks rebuilt from
+    the other shots (mappers, retriever and θ as fitted). A shot scored against banks that
+    hold it looks perfect; against the others' it looks like a new good part the banks
+    never saw. Empty for one shot, and for methods without banks (cfm, cfr-noreplace)."""
+    if len(shots) < 2 or (model.banks is None and model.joint_bank is None):
+        return []
+    feats = standardised(model.norm, shots)
+    out = []
+    for i in range(len(shots)):
+        banks, joint, _ = fit_banks(
+            model.config, feats.select([j for j in range(len(shots)) if j != i])
+        )
+        held_out = replace(model, banks=banks, joint_bank=joint)
+        out.append(float(infer(held_out, shots.select([i])).scores[0]))
+    return out
 
-    The pass/fail threshold comes from ``features`` (validation scans); the gate's from
-    those and ``unseen``, the other good scans the model was not fitted on (the library
-    beside its shots), which show more of the good parts' spread.
+
+def calibrate(
+    model: FittedModel,
+    features: FeatureSet | None,
+    source: str,
+    unseen: FeatureSet | None = None,
+    shots: FeatureSet | None = None,
+) -> float:
+    """The line's pass/fail threshold and the quality gate's threshold, from good scans'
+    scores.
+
+    The line's threshold (:func:`~cfr_core.scoring.verdict.calibrate_threshold`) is set
+    for ``scoring.target_false_reject`` on every good scan the model was not fitted on:
+    ``features`` (validation; ``source`` names them) and ``unseen`` (the library's other
+    good scans), plus, when those are too few for the target, the leave-one-shot-out
+    scores of ``shots`` (:func:`cross_fitted_scores`). The rule, n and what it promises
+    are kept in ``model.calibration``. The gate's threshold comes from the validation and
+    unseen scans, the highest x (1 + ``gate_margin``).
     """
-    scores = infer(model, features).scores.tolist()
     scoring = model.config.scoring
-    model.threshold = decision_threshold(scores, scoring.threshold_margin)
+    first = infer(model, features).scores.tolist() if features is not None and len(features) else []
     more = infer(model, unseen).scores.tolist() if unseen is not None and len(unseen) else []
-    model.gate_threshold = gate_threshold(scores + more, scoring.gate_margin)
+    pooled = {source: first, "other good scans": more}
+    if shots is not None and len(first) + len(more) < needed_scans(scoring.target_false_reject):
+        pooled["leave-one-out shots"] = cross_fitted_scores(model, shots)
+    if not any(pooled.values()):
+        raise ValueError("no good scan to calibrate the threshold on")
+    model.calibration = calibrate_threshold(
+        pooled, scoring.target_false_reject, scoring.threshold_margin
+    )
+    model.threshold = model.calibration.threshold
+    model.gate_threshold = gate_threshold(
+        first + more or model.calibration.all_scores(), scoring.gate_margin
+    )
     model.threshold_source = source
     return model.threshold
 
@@ -311,23 +349,40 @@ def calibrate_and_gate(
     source: str,
     extractors: tuple[Extractor, Extractor],
     cache: FeatureCache | None = None,
+    shots: Sequence[Sample] = (),
 ) -> str:
     """Thresholds (:func:`calibrate`) and library check (:func:`attach_library_gate`) of a
-    model fitted on ``model.shots``, from the good ``library`` scans (shots included) and the
-    ``calibration`` scans (validation); features of both are extracted once."""
-    samples = list({s.key: s for s in [*library, *calibration]}.values())
+    model fitted on ``model.shots``, from the good ``library`` scans (shots included), the
+    ``calibration`` scans (validation) and the ``shots`` (their leave-one-out scores);
+    features of all are extracted once.
+
+    When the calibration scans are the shots themselves (nothing else is known good), the
+    shots are scored against the other shots' banks instead, where the method has banks."""
+    samples = list({s.key: s for s in [*library, *calibration, *shots]}.values())
     features = extract_features(samples, extractors, model.config.preprocess, cache)
     pos = {s.key: i for i, s in enumerate(samples)}
-    shots = {s.key for s in model.shots}
+    shot_keys = {s.key for s in model.shots}
     cal = {s.key for s in calibration}
-    unseen = [pos[s.key] for s in samples if s.key not in shots and s.key not in cal]
+    unseen = [pos[s.key] for s in samples if s.key not in shot_keys and s.key not in cal]
+    shot_idx = [pos[k] for k in (s.key for s in model.shots) if k in pos]
+    shot_features = features.select(shot_idx) if len(shot_idx) == len(model.shots) else None
+    cal_features = features.select([pos[s.key] for s in calibration])
+    self_only = bool(cal) and cal <= shot_keys
+    if self_only and shot_features is not None and cross_fitted_scores_possible(model):
+        cal_features, source = None, "the shots, each against the other shots' banks"
     calibrate(
         model,
-        features.select([pos[s.key] for s in calibration]),
+        cal_features,
         source,
         features.select(unseen) if unseen else None,
+        shot_features,
     )
     return attach_library_gate(model, features.select([pos[s.key] for s in library]))
+
+
+def cross_fitted_scores_possible(model: FittedModel) -> bool:
+    """Leave-one-shot-out scores exist: two shots or more, and banks to leave one out of."""
+    return len(model.shots) >= 2 and (model.banks is not None or model.joint_bank is not None)
 
 
 def fit(
@@ -354,7 +409,7 @@ def fit(
     model.shots = shot_records(selection.samples)
     val, source = calibration_samples(root, category, selection.samples)
     note = calibrate_and_gate(
-        model, library_samples(root, category), val, source, extractors, cache
+        model, library_samples(root, category), val, source, extractors, cache, selection.samples
     )
     log.info(note)
     return model
@@ -373,6 +428,14 @@ class Evaluation:
     scores: np.ndarray
     result: InferenceResult
     masks: torch.Tensor
+    defects: list[str]  # per scan: "good" or the defect type
+    names: list[str]  # per scan: "<defect>/<stem>"
+    threshold: float | None  # the model's line threshold when scored
+
+    @property
+    def verdicts(self) -> Verdicts:
+        """False rejects and escapes at the model's threshold, per defect type and per scan."""
+        return verdicts(self.scores, self.defects, self.names, self.threshold)
 
     @property
     def replacement_rate(self) -> float:
@@ -380,12 +443,38 @@ class Evaluation:
         return float((self.result.replaced * fg).sum() / fg.sum().clamp_min(1))
 
     def to_dict(self) -> dict:
-        """The metrics as stored with a model and in the registry."""
-        return {**self.report.to_dict(), "replacement_rate": self.replacement_rate}
+        """The metrics as stored with a model and in the registry (verdict rates at the
+        model's threshold included; per-scan verdicts are in :attr:`verdicts`)."""
+        v = self.verdicts
+        return {
+            **self.report.to_dict(),
+            "replacement_rate": self.replacement_rate,
+            "false_reject_rate": v.false_reject_rate,
+            "escape_rate": v.escape_rate,
+            "oracle_escape_rate": v.oracle_escape_rate,
+            "confusion": {
+                "good": v.n_good,
+                "defective": v.n_defective,
+                "false_rejects": v.false_rejects,
+                "escapes": v.escapes,
+            },
+            "per_defect": v.per_defect,
+        }
 
 
-def evaluate_features(model: FittedModel, features: FeatureSet, labels: np.ndarray) -> Evaluation:
+def evaluate_features(
+    model: FittedModel,
+    features: FeatureSet,
+    labels: np.ndarray,
+    defects: Sequence[str] | None = None,
+    names: Sequence[str] | None = None,
+) -> Evaluation:
+    """Metrics of ``model`` on labelled ``features``; ``defects`` (default: "good" or
+    "defective" from the labels) and ``names`` (default: the feature keys) label the
+    per-scan verdicts."""
     result = infer(model, features)
+    if defects is None:
+        defects = [GOOD if int(y) == 0 else "defective" for y in labels]
     masks = features.masks
     report = compute_report(
         result.scores.numpy(),
@@ -394,7 +483,17 @@ def evaluate_features(model: FittedModel, features: FeatureSet, labels: np.ndarr
         masks.numpy(),
         pixel_maps=pixel_maps(result.maps).numpy(),
     )
-    return Evaluation(report, features.keys, labels, result.scores.numpy(), result, masks)
+    return Evaluation(
+        report,
+        features.keys,
+        labels,
+        result.scores.numpy(),
+        result,
+        masks,
+        list(defects),
+        list(names if names is not None else features.keys),
+        model.threshold,
+    )
 
 
 def test_samples(root: str | Path, category: str) -> list[Sample]:
@@ -420,4 +519,10 @@ def evaluate(
     samples = test_samples(root, model.category)
     extractors = on_device(extractors or build_extractors(model.config.extractors), device)
     features = extract_features(samples, extractors, model.config.preprocess, cache, progress)
-    return evaluate_features(model, features, np.array([s.label for s in samples]))
+    return evaluate_features(
+        model,
+        features,
+        np.array([s.label for s in samples]),
+        [s.defect for s in samples],
+        [f"{s.defect}/{s.stem}" for s in samples],
+    )

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 from cfr_core.memory.bank import Banks
 from cfr_core.models.mappers import CrossModalMappers
 from cfr_core.models.retriever import AttentionRetriever
+from cfr_core.scoring.verdict import Calibration
 
 
 @dataclass
@@ -44,6 +45,7 @@ class FittedModel:
     joint_bank: torch.Tensor | None = None
     threshold: float | None = None
     threshold_source: str = ""
+    calibration: Calibration | None = None  # how the threshold was set (rule, n, promise)
     gate_threshold: float | None = None  # the quality gate's (more tolerant) threshold
     library_gate: LibraryGate | None = None  # the gate's check against the good library scans
     theta: float | None = None  # replacement threshold in force (fixed or calibrated)
@@ -69,7 +71,7 @@ class FittedModel:
             config = replace(config, scoring=replace(config.scoring, theta=float(theta)))
         out = replace(self, config=config, theta=self.theta if theta is None else float(theta))
         if config != self.config:
-            out.threshold = out.gate_threshold = None
+            out.threshold = out.gate_threshold = out.calibration = None
             out.threshold_source = ""
             out.library_gate = None
         return out

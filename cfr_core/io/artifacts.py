@@ -45,6 +45,7 @@ from cfr_core.memory.bank import Banks
 from cfr_core.models.mappers import CrossModalMappers
 from cfr_core.models.retriever import AttentionRetriever
 from cfr_core.paths import is_safe_name
+from cfr_core.scoring.verdict import Calibration
 
 FORMAT = "cfr-model/1"
 MODEL_JSON = "model.json"
@@ -95,6 +96,7 @@ def model_metadata(model: FittedModel) -> dict[str, Any]:
         "dims": model.dims,
         "threshold": model.threshold,
         "threshold_source": model.threshold_source,
+        "calibration": model.calibration.to_dict() if model.calibration else None,
         "gate_threshold": model.gate_threshold,
         "theta": model.theta,
         "theta_source": model.theta_source,
@@ -255,6 +257,16 @@ def model_from_parts(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
         extra=meta.get("extra", {}),
         lineage=meta.get("lineage", {}),
     )
+    calibration = meta.get("calibration")
+    if calibration is not None:
+        if not isinstance(calibration, dict):
+            raise ValueError(f"calibration must be an object, got {type(calibration).__name__}")
+        model.calibration = Calibration.from_dict(calibration)
+        if model.calibration.threshold != model.threshold:
+            raise ValueError(
+                f"threshold {model.threshold!r} differs from its calibration's "
+                f"{model.calibration.threshold!r}"
+            )
     model.norm = FeatureNorm.from_tensors(tensors)
     mapper_state = _sub(tensors, "mappers.")
     if mapper_state:
