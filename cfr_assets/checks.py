@@ -14,11 +14,17 @@ from cfr_assets.assets.evaluation import candidate_ref, evaluation_report
 from cfr_assets.partitions import category_partitions
 from cfr_assets.resources import CFRModelSettings, CFRStore
 from cfr_core.io.artifacts import load_model
+from cfr_core.io.stages import REPORT_JSON
 from cfr_core.memory.bank import coreset_size
 
 
 def _candidate(context, store: CFRStore):
     return load_model(candidate_ref(context, store).folder)
+
+
+def candidate_report(context, store: CFRStore) -> dict:
+    """The candidate's report.json (metrics, per-scan verdicts, calibration)."""
+    return candidate_ref(context, store).json(REPORT_JSON)
 
 
 @dg.asset_check(
@@ -109,4 +115,93 @@ def no_regression(
     )
 
 
-checks = [finite_weights, bank_shape, no_regression]
+#: a candidate fails `line_false_reject` when this improbable under the rate it promises
+LINE_CHECK_P = 0.05
+
+
+def excess_false_rejects(n_good: int, rejected: int, allowed: float) -> float:
+    """P(at least ``rejected`` of ``n_good`` good parts fail) if each fails with rate
+    ``allowed``: small when the observed false rejects exceed what the threshold promised
+    by more than chance explains."""
+    from scipy.stats import binom
+
+    return float(binom.sf(rejected - 1, n_good, allowed)) if rejected > 0 else 1.0
+
+
+@dg.asset_check(
+    asset=evaluation_report,
+    blocking=True,
+    partitions_def=category_partitions,
+    description="On the labelled good test scans, the candidate's false rejects at its line "
+    "threshold stay within what its calibration promises (the target false-reject rate, or "
+    "the looser rate its scans support): a binomial test at p < 0.05.",
+)
+def line_false_reject(
+    context: dg.AssetCheckExecutionContext, store: CFRStore
+) -> dg.AssetCheckResult:
+    model = _candidate(context, store)
+    report = candidate_report(context, store)
+    scans = [s for s in report.get("scans") or [] if s.get("defect") == "good"]
+    if model.threshold is None or model.calibration is None or not scans:
+        why = "no labelled good test scans" if not scans else "the candidate has no calibration"
+        return dg.AssetCheckResult(passed=True, metadata={"reason": why})
+    cal = model.calibration
+    allowed = max(cal.target, cal.expected_rate)
+    rejected = [s for s in scans if s["verdict"] == "FAIL"]
+    p = excess_false_rejects(len(scans), len(rejected), allowed)
+    detail = "; ".join(
+        f"{s['name']} {s['score']:.3f} ({s['score'] / model.threshold - 1:+.0%} over the threshold)"
+        for s in sorted(rejected, key=lambda s: -s["score"])
+    )
+    passed = p >= LINE_CHECK_P
+    summary = (
+        f"{len(rejected)} of {len(scans)} good test scans rejected ({len(rejected) / len(scans):.1%})"
+        f" at threshold {model.threshold:.4f}; the calibration promises <= {allowed:.1%} "
+        f"(P = {p:.3f} of seeing this many or more)"
+    )
+    if not passed:
+        context.log.error(f"{context.partition_key}: {summary}: {detail}")
+    return dg.AssetCheckResult(
+        passed=passed,
+        metadata={
+            "summary": summary,
+            "false_reject_rate": len(rejected) / len(scans),
+            "allowed_rate": allowed,
+            "p_value": p,
+            "rejected good scans": detail or "none",
+        },
+    )
+
+
+@dg.asset_check(
+    asset=evaluation_report,
+    partitions_def=category_partitions,
+    description="The good scans the line threshold was calibrated on can support the target "
+    "false-reject rate (WARN when too few: the threshold is then the highest score x (1 + "
+    "margin), which the scans do not prove).",
+)
+def threshold_calibration(
+    context: dg.AssetCheckExecutionContext, store: CFRStore
+) -> dg.AssetCheckResult:
+    cal = _candidate(context, store).calibration
+    if cal is None:
+        return dg.AssetCheckResult(
+            passed=False,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"reason": "the candidate has no calibration record"},
+        )
+    return dg.AssetCheckResult(
+        passed=cal.supported,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "calibration": cal.sentence(),
+            "n": cal.n,
+            "needed": cal.needed,
+            "target": cal.target,
+            "expected_false_reject_bound": cal.expected_rate,
+            "bound_90pct": cal.confidence_bound,
+        },
+    )
+
+
+checks = [finite_weights, bank_shape, no_regression, line_false_reject, threshold_calibration]

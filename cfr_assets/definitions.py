@@ -7,6 +7,7 @@ import dagster as dg
 
 from cfr_assets.assets.evaluation import deployed_bank, evaluation_report
 from cfr_assets.assets.library import shot_library
+from cfr_assets.assets.line import line_fail_rate, line_summary
 from cfr_assets.assets.shots import normal_shots
 from cfr_assets.assets.training import (
     attention_retriever,
@@ -16,9 +17,9 @@ from cfr_assets.assets.training import (
     standardisation,
 )
 from cfr_assets.checks import checks
-from cfr_assets.jobs import cfr_job, ingest_job
+from cfr_assets.jobs import cfr_job, ingest_job, line_job
 from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore, dagster_home
-from cfr_assets.schedules import weekly_refit
+from cfr_assets.schedules import hourly_line_summary, weekly_refit
 from cfr_assets.sensors import landing_sensor, library_sensor
 from cfr_core.errors import ConfigError
 
@@ -32,6 +33,7 @@ assets = [
     attention_retriever,
     evaluation_report,
     deployed_bank,
+    line_summary,
 ]
 
 
@@ -83,10 +85,10 @@ def default_resources(**settings) -> dict:
 def build_definitions(resources: dict) -> dg.Definitions:
     return dg.Definitions(
         assets=assets,
-        asset_checks=checks,
-        jobs=[cfr_job, ingest_job],
+        asset_checks=[*checks, line_fail_rate],
+        jobs=[cfr_job, ingest_job, line_job],
         sensors=[landing_sensor, library_sensor],
-        schedules=[weekly_refit],
+        schedules=[weekly_refit, hourly_line_summary],
         resources=resources,
     )
 

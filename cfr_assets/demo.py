@@ -35,6 +35,9 @@ class DemoRow:
     threshold: float | None
     audit_ok: bool
     message: str = ""
+    false_reject_rate: float | None = None  # good test parts failed at the threshold
+    escape_rate: float | None = None  # defective test parts passed
+    oracle_escape_rate: float | None = None  # the best threshold at that false-reject rate
 
 
 def prepare_home(home: Path) -> None:
@@ -96,6 +99,9 @@ def run_demo(
                     threshold=record.threshold if record else None,
                     audit_ok=bool(record) and audit(record, registry).ok,
                     message=outcome.message,
+                    false_reject_rate=metrics.get("false_reject_rate"),
+                    escape_rate=metrics.get("escape_rate"),
+                    oracle_escape_rate=metrics.get("oracle_escape_rate"),
                 )
             )
     return rows

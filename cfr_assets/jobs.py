@@ -1,4 +1,5 @@
-"""The two jobs: ingest new landing scans, and rebuild a category from its shot library.
+"""The jobs: ingest new landing scans, rebuild a category from its shot library, and
+summarise what the line did with the deployed models.
 
 Both run every step in one process (``in_process_executor``): the stages form a
 chain, so separate step processes would only re-import torch and Dagster seven
@@ -25,4 +26,10 @@ cfr_job = dg.define_asset_job(
         "Rebuild one category: library → shots → features → standardisation → mappers → "
         "banks → retriever → evaluation → deployment."
     ),
+)
+
+line_job = dg.define_asset_job(
+    "cfr_line_job",
+    selection=dg.AssetSelection.groups("line"),
+    description="Summarise the verdicts `cfr serve` recorded, per deployed category.",
 )

@@ -75,3 +75,71 @@ def save_png(picture: np.ndarray | Image.Image, path) -> str:
     img = picture if isinstance(picture, Image.Image) else Image.fromarray(picture)
     img.save(path, format="PNG")
     return str(path)
+
+
+def captioned(tile: np.ndarray, text: str, failed: bool | None = None) -> np.ndarray:
+    """``tile`` with ``text`` on a dark band along its top; the band is red for FAIL, green
+    for PASS, grey when there is no verdict."""
+    from PIL import ImageDraw
+
+    img = Image.fromarray(tile)
+    colour = (128, 128, 128) if failed is None else ((200, 30, 30) if failed else (30, 150, 60))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, 0, img.width, 13], fill=(0, 0, 0))
+    draw.rectangle([0, 0, 4, 13], fill=colour)
+    draw.text((7, 1), text, fill=(255, 255, 255))
+    return np.asarray(img)
+
+
+def score_histogram(
+    scores: np.ndarray,
+    defects: list[str],
+    threshold: float | None,
+    gate_threshold: float | None = None,
+) -> Image.Image:
+    """Test scores by kind (good, then each defect type), with the line's and the gate's
+    thresholds drawn: what the threshold decides, at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = np.asarray(scores, dtype=float)
+    kinds = sorted(set(defects), key=lambda k: (k != "good", k))
+    fig, ax = plt.subplots(figsize=(6, 2.8), dpi=90)
+    bins = np.linspace(scores.min(), scores.max(), 30) if scores.size else 10
+    for kind in kinds:
+        vals = scores[np.array([d == kind for d in defects])]
+        ax.hist(
+            vals,
+            bins=bins,
+            alpha=0.55 if kind == "good" else 0.45,
+            label=f"{kind} ({len(vals)})",
+            color="tab:green" if kind == "good" else None,
+        )
+    for value, label, style in (
+        (threshold, "line threshold", "-"),
+        (gate_threshold, "gate threshold", "--"),
+    ):
+        if value is not None:
+            ax.axvline(value, color="black", linestyle=style, label=f"{label} {value:.3f}")
+    ax.set_xlabel("image score (above the line threshold: FAIL)")
+    ax.set_ylabel("test scans")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+def verdict_table(rows: list[tuple[float, float | None, float | None, str]]) -> dg.MetadataValue:
+    """False rejects and escapes at candidate thresholds (threshold, rate, rate, note)."""
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1%}"
+
+    lines = ["| threshold | good parts rejected | defective parts passed | |", "|---|---|---|---|"]
+    lines += [f"| {t:.4f} | {pct(f)} | {pct(e)} | {note} |" for t, f, e, note in rows]
+    return dg.MetadataValue.md("\n".join(lines))

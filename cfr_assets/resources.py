@@ -62,6 +62,8 @@ class CFRModelSettings(dg.ConfigurableResource):
     grid: int = 224
     epochs: int = 100
     theta: float | None = None  # None: "auto" (calibrated from the shots), or the paper's 0.4
+    # share of good parts the line's threshold may reject; None: cfr_core.config's default
+    target_false_reject: float | None = None
     tolerance: float = (
         0.02  # a new model may be this much worse (I-AUROC, AUPRO@30%) than the live one
     )
@@ -81,6 +83,8 @@ class CFRModelSettings(dg.ConfigurableResource):
             self.method, shots=shots or self.shots, fewshot_seed=self.fewshot_seed, extractors=ex
         )
         scoring = cfg.scoring if self.theta is None else replace(cfg.scoring, theta=self.theta)
+        if self.target_false_reject is not None:
+            scoring = replace(scoring, target_false_reject=self.target_false_reject)
         return replace(
             cfg,
             mappers=replace(cfg.mappers, epochs=self.epochs),

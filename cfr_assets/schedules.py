@@ -9,7 +9,7 @@ registers nothing new.
 
 import dagster as dg
 
-from cfr_assets.jobs import cfr_job
+from cfr_assets.jobs import cfr_job, line_job
 from cfr_assets.partitions import CATEGORY_TAG, category_partitions
 
 
@@ -29,3 +29,13 @@ def weekly_refit(context: dg.ScheduleEvaluationContext):
         dg.RunRequest(run_key=f"refit:{c}:{stamp}", partition_key=c, tags={CATEGORY_TAG: c})
         for c in sorted(categories)
     ]
+
+
+hourly_line_summary = dg.ScheduleDefinition(
+    name="hourly_line_summary",
+    job=line_job,
+    cron_schedule="0 * * * *",
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Every hour: summarise the line's verdicts per deployed category (cheap: SQL).",
+)

@@ -302,14 +302,21 @@ def demo(
     )
     click.echo(
         f"\n{'category':<10}{'run':>11}{'version':>9}{'I-AUROC':>9}{'AUPRO@30%':>11}"
-        f"{'threshold':>11}  audit"
+        f"{'threshold':>11}{'rejects':>9}{'escapes':>9}{'oracle':>8}  audit"
     )
     for r in rows:
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
         click.echo(
             f"{r.category:<10}{r.status:>11}{r.version or '-':>9}{fmt(r.image_auroc):>9}"
-            f"{fmt(r.aupro_30):>11}{fmt(r.threshold):>11}  {'ok' if r.audit_ok else 'FAILED'}"
+            f"{fmt(r.aupro_30):>11}{fmt(r.threshold):>11}{pct(r.false_reject_rate):>9}"
+            f"{pct(r.escape_rate):>9}{pct(r.oracle_escape_rate):>8}  "
+            f"{'ok' if r.audit_ok else 'FAILED'}"
         )
+    click.echo(
+        "rejects: good test parts failed at the threshold; escapes: defective test parts "
+        "passed; oracle: escapes of the best threshold with no more rejects (on the same scans)"
+    )
     click.echo(
         f"\nartifacts: {home / 'artifacts'}\nregistry:  {home / 'registry.db'}  (cfr registry list)"
     )
@@ -326,7 +333,7 @@ def demo(
 
 
 # the model and operations commands register themselves on `main`
-from cfr_core import cli_model, cli_ops  # noqa: E402, F401
+from cfr_core import cli_model, cli_ops, cli_serve  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     main()

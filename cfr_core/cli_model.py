@@ -11,13 +11,14 @@ from pathlib import Path
 import click
 import numpy as np
 
-from cfr_core.cli import _fail_cleanly, _progress, main
+from cfr_core.cli import DEFAULT_HOME, _fail_cleanly, _progress, main
 from cfr_core.config import (
     DEFAULT_EXTRACTORS,
     DEFAULT_METHOD,
     EXTRACTOR_PRESETS,
     METHODS,
     FitConfig,
+    ScoringConfig,
     preset_extractors,
 )
 from cfr_core.errors import ConfigError
@@ -147,6 +148,14 @@ def load_checked(model_dir: Path):
     "pixel, as the paper). See bench/results/speed.md for its accuracy cost.",
 )
 @click.option(
+    "--target-false-reject",
+    type=click.FloatRange(0.0, 0.5, min_open=True, max_open=True),
+    help="Share of good parts the line's threshold may reject (default "
+    f"{ScoringConfig().target_false_reject:g}). Set on the good scans the model did not fit "
+    "on; when they are too few for the target, the threshold is the highest score x (1 + "
+    "threshold margin) and the fit says so.",
+)
+@click.option(
     "--epochs", type=click.IntRange(1), help="Override mapper and retriever epochs (default 100)."
 )
 @click.option(
@@ -171,6 +180,7 @@ def fit_cmd(
     grid,
     theta,
     stride,
+    target_false_reject,
     epochs,
     cache,
     out,
@@ -200,6 +210,8 @@ def fit_cmd(
         cfg = replace(cfg, scoring=replace(cfg.scoring, theta=theta))
     if stride is not None:
         cfg = replace(cfg, scoring=replace(cfg.scoring, stride=stride))
+    if target_false_reject is not None:
+        cfg = replace(cfg, scoring=replace(cfg.scoring, target_false_reject=target_false_reject))
     if epochs is not None:
         cfg = replace(
             cfg,
@@ -232,6 +244,17 @@ def fit_cmd(
     digest = save_model(model, out, overwrite=overwrite)
     click.echo(f"shots: {', '.join(s.key for s in model.shots)}")
     click.echo(f"threshold: {model.threshold:.4f} (from {model.threshold_source})")
+    if model.calibration is not None:
+        click.echo(f"calibration: {model.calibration.sentence()}")
+        if not model.calibration.supported:
+            click.secho(
+                f"warning: {model.calibration.n} good scans cannot support a "
+                f"{model.calibration.target:.1%} false-reject rate (it needs "
+                f"{model.calibration.needed}): add validation/good scans the model is not "
+                "fitted on",
+                fg="yellow",
+                err=True,
+            )
     click.echo(f"quality gate: model score <= {model.gate_threshold:.4f}; " + gate_summary(model))
     if model.theta is not None:
         click.echo(f"θ: {model.theta:.4f} ({model.theta_source})")
@@ -282,6 +305,7 @@ def evaluate_cmd(model_dir, root, json_out, maps_dir, overwrite, cache, device):
         device=device,
     )
     r = ev.report
+    v = ev.verdicts
     payload = {
         "category": model.category,
         "method": model.config.method,
@@ -293,14 +317,36 @@ def evaluate_cmd(model_dir, root, json_out, maps_dir, overwrite, cache, device):
         "n_test": r.n_test,
         "replacement_rate": ev.replacement_rate,
         "threshold": model.threshold,
-        "flagged": int((ev.scores > model.threshold).sum())
+        "calibration": model.calibration.to_dict() if model.calibration else None,
+        "flagged": sum(s["verdict"] == "FAIL" for s in v.scans)
         if model.threshold is not None
         else None,
+        "false_reject_rate": v.false_reject_rate,
+        "escape_rate": v.escape_rate,
+        "oracle_escape_rate": v.oracle_escape_rate,
+        "confusion": {
+            "good": v.n_good,
+            "defective": v.n_defective,
+            "false_rejects": v.false_rejects,
+            "escapes": v.escapes,
+        },
+        "per_defect": v.per_defect,
+        "scans": v.scans,
     }
     click.echo(
         f"{model.category}  {model.config.method}  {model.config.shots}-shot  n_test {r.n_test}"
     )
     click.echo(r.summary())
+    click.echo(v.summary())
+    if model.calibration is not None:
+        click.echo(f"calibration: {model.calibration.sentence()}")
+        if not model.calibration.supported:
+            click.secho(
+                "warning: the calibration scans cannot support the target false-reject rate "
+                "(see above); add validation/good scans",
+                fg="yellow",
+                err=True,
+            )
     if json_out:
         with atomic_path(json_out) as tmp:
             tmp.write_text(json.dumps(payload, indent=2) + "\n")
@@ -325,8 +371,58 @@ def evaluate_cmd(model_dir, root, json_out, maps_dir, overwrite, cache, device):
         click.echo(f"anomaly maps: {maps_dir}")
 
 
+#: `cfr score` exit codes (documented in its --help and the README)
+EXIT_PASS, EXIT_FAIL, EXIT_ERROR, EXIT_UNKNOWN = 0, 1, 2, 3
+
+
+def deployed_model_dir(category: str, home: Path, registry_url: str | None) -> Path:
+    """The model folder the registry deploys for ``category``, re-hashed against the row."""
+    from cfr_core.cli_ops import _registry
+    from cfr_core.errors import DataError
+    from cfr_core.io.artifacts import ArtifactError, verify_model
+    from cfr_core.paths import check_name
+
+    reg = _registry(home, registry_url)
+    record = reg.deployed(check_name(category))
+    if record is None:
+        known = ", ".join(reg.categories()) or "none"
+        raise DataError(
+            f"no deployed model for category {category!r} (deployed categories: {known})",
+            None,
+            "run `cfr registry list`, or pass --model FOLDER",
+        )
+    folder = Path(record.model_path)
+    if verify_model(folder) != record.model_hash:
+        raise ArtifactError(
+            f"model folder differs from what version {record.version} registered",
+            folder,
+            "run `cfr audit` to see what changed",
+        )
+    return folder
+
+
 @main.command("score")
-@MODEL_OPTION
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=Path),
+    help="Model folder from `cfr fit` (instead of --category).",
+)
+@click.option(
+    "--category",
+    "-c",
+    help="Score with this category's deployed model from the registry (instead of --model).",
+)
+@click.option(
+    "--home",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_HOME,
+    show_default=True,
+    help="With --category: the Dagster home holding registry.db (env DAGSTER_HOME).",
+)
+@click.option(
+    "--registry-url", help="With --category: SQLAlchemy URL of the registry (env CFR_REGISTRY_URL)."
+)
 @click.argument("rgb", type=click.Path(path_type=Path))
 @click.argument("xyz", type=click.Path(path_type=Path))
 @click.option(
@@ -334,11 +430,23 @@ def evaluate_cmd(model_dir, root, json_out, maps_dir, overwrite, cache, device):
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @_fail_cleanly
-def score_cmd(model_dir, rgb, xyz, heatmap, as_json):
-    """Score one scan (RGB PNG + organized xyz TIFF): score, threshold, PASS/FAIL."""
+def score_cmd(model_dir, category, home, registry_url, rgb, xyz, heatmap, as_json):
+    """Score one scan (RGB PNG + organized xyz TIFF): score, threshold, PASS/FAIL.
+
+    \b
+    Exit codes, for scripts on the line:
+      0  PASS     the score is at or below the threshold
+      1  FAIL     the score is above the threshold
+      3  UNKNOWN  the model has no threshold (never calibrated)
+      2  error    bad input, no such model, an altered model folder (one line on stderr)
+    """
     from cfr_core.data.io import read_rgb, read_xyz
     from cfr_core.engine.score import score_arrays
 
+    if (model_dir is None) == (category is None):
+        raise click.UsageError("pass exactly one of --model FOLDER or --category NAME")
+    if model_dir is None:
+        model_dir = deployed_model_dir(category, home, registry_url)
     model, extractors = load_checked(model_dir)
     result = score_arrays(
         model, extractors, read_rgb(rgb), read_xyz(xyz), str(xyz), gate_maps=False
@@ -361,3 +469,4 @@ def score_cmd(model_dir, rgb, xyz, heatmap, as_json):
     else:
         click.echo(f"score {score:.4f}  threshold {model.threshold:.4f}  {verdict}")
     sys.stdout.flush()
+    sys.exit({"PASS": EXIT_PASS, "FAIL": EXIT_FAIL}.get(verdict, EXIT_UNKNOWN))

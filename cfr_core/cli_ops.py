@@ -72,14 +72,24 @@ def registry_list(home: Path, registry_url: str | None, category: str | None, as
         click.echo(json.dumps([r.to_json() for r in rows], indent=2))
         return
     click.echo(
-        f"{'':2}{'category':<12}{'version':>8}  {'model hash':<14}{'I-AUROC':>8}{'threshold':>11}  created"
+        f"{'':2}{'category':<12}{'version':>8}  {'model hash':<14}{'I-AUROC':>8}"
+        f"{'rejects':>9}{'escapes':>9}{'threshold':>11}  created"
     )
+
+    def metric(r, key: str, fmt: str) -> str:
+        value = r.metrics.get(key) if isinstance(r.metrics, dict) else None
+        return "-" if not isinstance(value, int | float) else format(value, fmt)
+
     for r in rows:
-        auroc = r.metrics.get("image_auroc") if isinstance(r.metrics, dict) else None
         click.echo(
             f"{'*' if r.deployed else ' ':2}{r.category:<12}{r.version:>8}  {r.model_hash[:12]:<14}"
-            f"{'-' if auroc is None else f'{auroc:.3f}':>8}{r.threshold or 0:>11.4f}  {r.created_at}"
+            f"{metric(r, 'image_auroc', '.3f'):>8}{metric(r, 'false_reject_rate', '.1%'):>9}"
+            f"{metric(r, 'escape_rate', '.1%'):>9}{r.threshold or 0:>11.4f}  {r.created_at}"
         )
+    click.echo(
+        "rejects: good test parts failed at the threshold; escapes: defective test parts "
+        "passed (blank: no labelled test split)"
+    )
 
 
 @registry.command("rollback")

@@ -73,6 +73,29 @@ def test_fit_evaluate_score_end_to_end(synth_root, tmp_path):
         "n_test",
     } <= set(metrics)
     assert list(metrics["aupro"]) == ["0.3", "0.1", "0.05", "0.01"] and metrics["n_test"] == 6
+    # the line's numbers at the deployed threshold, and every scan's verdict
+    scans = metrics["scans"]
+    assert len(scans) == 6 and {s["defect"] for s in scans} >= {"good"}
+    assert all(set(s) == {"name", "defect", "score", "verdict"} for s in scans)
+    assert all(
+        s["verdict"] == ("FAIL" if s["score"] > metrics["threshold"] else "PASS") for s in scans
+    )
+    good = [s for s in scans if s["defect"] == "good"]
+    bad = [s for s in scans if s["defect"] != "good"]
+    assert metrics["false_reject_rate"] == sum(s["verdict"] == "FAIL" for s in good) / len(good)
+    assert metrics["escape_rate"] == sum(s["verdict"] == "PASS" for s in bad) / len(bad)
+    assert metrics["flagged"] == sum(s["verdict"] == "FAIL" for s in scans)
+    assert metrics["confusion"]["good"] == len(good) and metrics["oracle_escape_rate"] <= 1
+    # 1 validation + 2 unused train scans are too few for 5 %: the shots' leave-one-out
+    # scores join, and the rule says it cannot support the target
+    cal = metrics["calibration"]
+    assert cal["n"] == 5 and not cal["supported"] and cal["rule"].startswith("highest")
+    assert {k: len(v) for k, v in cal["scores"].items()} == {
+        "validation/good": 1,
+        "other good scans": 2,
+        "leave-one-out shots": 2,
+    }
+    assert "false rejects" in ev.output and "TARGET NOT SUPPORTED" in ev.output
     assert len(list(maps.glob("*.png"))) == 6
 
     sample = index_category(synth_root, "ribbed").split("test")[0]
@@ -90,11 +113,49 @@ def test_fit_evaluate_score_end_to_end(synth_root, tmp_path):
             "--json",
         ],
     )
-    assert sc.exit_code == 0, sc.output
     result = json.loads(sc.output)
-    assert (
-        result["verdict"] in ("PASS", "FAIL") and result["score"] > 0 and heat.stat().st_size > 500
+    assert result["score"] > 0 and heat.stat().st_size > 500
+    assert sc.exit_code == {"PASS": 0, "FAIL": 1}[result["verdict"]], sc.output
+
+
+def test_target_false_reject_sets_the_order_statistic_when_scans_support_it(synth_root, tmp_path):
+    """At a 30 % target, 3 unseen good scans are enough (k = ceil(4 * 0.7) = 3 of 3): the
+    threshold is their highest score, no margin, no leave-one-out scores, and fit says so."""
+    model = tmp_path / "m"
+    fit = CliRunner().invoke(
+        main,
+        [
+            "fit",
+            "--data",
+            str(synth_root),
+            "-c",
+            "ribbed",
+            "--shots",
+            "2",
+            "--grid",
+            "32",
+            "--epochs",
+            "2",
+            "--target-false-reject",
+            "0.3",
+            "--out",
+            str(model),
+        ],
     )
+    assert fit.exit_code == 0, fit.output
+    cal = json.loads((model / "model.json").read_text())["calibration"]
+    assert cal["supported"] and cal["rule"] == "order statistic" and (cal["n"], cal["k"]) == (3, 3)
+    assert "leave-one-out shots" not in cal["scores"]
+    meta = json.loads((model / "model.json").read_text())
+    assert meta["threshold"] == max(x for v in cal["scores"].values() for x in v)
+    assert meta["config"]["scoring"]["target_false_reject"] == 0.3
+    assert "good score 3 of 3" in fit.output
+    bad = CliRunner().invoke(
+        main,
+        ["fit", "--data", str(synth_root), "-c", "ribbed", "--target-false-reject", "0.7",
+         "--out", str(tmp_path / "x")],
+    )  # fmt: skip
+    assert bad.exit_code == 2 and "target-false-reject" in bad.output
 
 
 def test_score_bad_inputs_name_the_file(synth_root, tmp_path):

@@ -473,12 +473,15 @@ def test_data_check_applies_the_minimum_size_that_fit_applies(tmp_path):
 def test_score_with_a_model_that_has_no_threshold(home, tmp_path, synth_root):
     model = load_model(registry_of(home).deployed("dome").model_path)
     model.threshold = None
-    save_model(model, tmp_path / "m")
+    save_model(model, tmp_path / "edited")  # a threshold edited away from its calibration
     sample = index_category(synth_root, "dome").split("test")[0]
-    result = CliRunner().invoke(
-        main, ["score", "--model", str(tmp_path / "m"), str(sample.rgb_path), str(sample.xyz_path)]
-    )
-    assert result.exit_code == 0, result.output
+    args = [str(sample.rgb_path), str(sample.xyz_path)]
+    result = CliRunner().invoke(main, ["score", "--model", str(tmp_path / "edited"), *args])
+    assert result.exit_code == 2 and "differs from its calibration" in result.output
+    model.calibration = None
+    save_model(model, tmp_path / "m")
+    result = CliRunner().invoke(main, ["score", "--model", str(tmp_path / "m"), *args])
+    assert result.exit_code == 3, result.output  # UNKNOWN
     assert "threshold none (the model was never calibrated)  UNKNOWN" in result.output
 
 

@@ -87,10 +87,11 @@ def run(home: Path, category: str, **settings):
 def test_definitions_load_with_groups_kinds_owners_and_descriptions():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == set(ASSETS)
+    assert keys == {*ASSETS, "line_summary"}
     for key in keys:
         node = graph.get(dg.AssetKey(key))
-        assert node.partitions_def == category_partitions
+        # the line summary reads every category's verdicts: one run, no category lock
+        assert node.partitions_def == (None if key == "line_summary" else category_partitions)
         assert node.owners == ["team:vision-engineering"]
         assert node.kinds and len(node.description) > 80, key
     groups = {k: graph.get(dg.AssetKey(k)).group_name for k in keys}
@@ -100,7 +101,12 @@ def test_definitions_load_with_groups_kinds_owners_and_descriptions():
         "finite_weights",
         "bank_shape",
         "no_regression",
+        "line_false_reject",
+        "threshold_calibration",
+        "line_fail_rate",
     }
+    assert groups == {**groups, "line_summary": "line"}
+    assert defs.resolve_job_def("cfr_line_job") and defs.resolve_schedule_def("hourly_line_summary")
     assert defs.resolve_sensor_def("landing_sensor") and defs.resolve_sensor_def("library_sensor")
     assert (
         defs.resolve_schedule_def("weekly_refit").default_status == dg.DefaultScheduleStatus.STOPPED
@@ -460,7 +466,7 @@ def test_webserver_explains_the_graph_and_serves_the_deployments(home):
             proc,
         )["data"]["assetNodes"]
         by_key = {n["assetKey"]["path"][-1]: n for n in nodes}
-        assert set(by_key) == set(ASSETS)
+        assert set(by_key) == {*ASSETS, "line_summary"}
         assert by_key["shot_library"]["groupName"] == "ingest"
         assert by_key["evaluation_report"]["groupName"] == "release"
         assert "sql" in by_key["deployed_bank"]["kinds"]
@@ -564,3 +570,248 @@ def test_only_scans_a_person_vouched_for_calibrate_the_next_gate(home):
             for quarantine in (False, True):
                 shutil.rmtree(library.folder("dome", content_id, quarantine), True)
         registry.rollback("dome", first.version)
+
+
+def _start_serve(args: list[str], env: dict) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "cfr"), "serve", "--port", str(port), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+            return proc, port
+        except OSError:
+            if proc.poll() is not None:
+                raise AssertionError(f"cfr serve exited: {proc.stdout.read()}") from None
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("cfr serve did not answer within 120 s")
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out
+
+
+def _forge(record, folder: Path) -> str:
+    """A copy of ``record``'s model folder with its threshold raised and its manifest
+    recomputed to match: a folder that verifies on its own but is not what was evaluated."""
+    from cfr_core.data.io import sha256_file
+    from cfr_core.io.artifacts import MANIFEST, MODEL_JSON, content_hash
+
+    shutil.copytree(record.model_path, folder)
+    meta = json.loads((folder / MODEL_JSON).read_text())
+    meta["threshold"] = meta["calibration"]["threshold"] = 1e9
+    (folder / MODEL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"][MODEL_JSON] = sha256_file(folder / MODEL_JSON)
+    manifest["content_hash"] = content_hash(manifest["files"])
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest["content_hash"]
+
+
+def test_serve_answers_like_evaluate_records_verdicts_and_swaps_only_audited_models(home, tmp_path):
+    """`cfr serve` on the registry, over HTTP: each verdict equals the evaluation's, is
+    recorded in the registry's database; a new deployment answers only after its audit
+    passes, and a forged one is refused while the previous model keeps answering."""
+    import requests
+
+    from cfr_core.io.stages import REPORT_JSON
+    from cfr_core.line_log import LineLog
+
+    home, _ = home
+    serve_home = tmp_path / "serve-home"  # a copy of the registry: the rows still point at
+    serve_home.mkdir()  # the module's model folders, which this test only reads
+    shutil.copyfile(home / "registry.db", serve_home / "registry.db")
+    registry = registry_of(serve_home)
+    live = registry.deployed("dome")
+    env = {**os.environ, "DAGSTER_HOME": str(serve_home), "HF_HUB_OFFLINE": "1"}
+    proc, port = _start_serve(["--home", str(serve_home), "--poll", "0.5"], env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
+        models = {m["category"]: m for m in requests.get(f"{base}/v1/models").json()["models"]}
+        assert set(models) == {"dome", "ribbed"}
+        assert models["dome"]["version"] == live.version
+        assert models["dome"]["model_hash"] == live.model_hash
+        assert models["dome"]["audit"].startswith("PASSED")
+
+        # the verdicts the pipeline's evaluation gave the same scans
+        report = json.loads((Path(live.model_path) / REPORT_JSON).read_text())
+        expected = {s["name"]: s for s in report["scans"]}
+        test = index_category(home / "demo" / "data", "dome").split("test")
+        picks = [s for s in test if s.defect == "good"][:2] + [
+            s for s in test if s.defect != "good"
+        ][:2]
+        for sample in picks:
+            with open(sample.rgb_path, "rb") as rgb, open(sample.xyz_path, "rb") as xyz:
+                r = requests.post(
+                    f"{base}/v1/categories/dome/score",
+                    files={"rgb": rgb, "xyz": xyz},
+                    params={"heatmap": "true"},
+                    timeout=120,
+                )
+            assert r.status_code == 200, r.text
+            body = r.json()
+            want = expected[f"{sample.defect}/{sample.stem}"]
+            assert body["verdict"] == want["verdict"]
+            assert abs(body["score"] - want["score"]) < 1e-4 * max(1.0, want["score"])
+            assert body["version"] == live.version and body["model_hash"] == live.model_hash
+            assert body["threshold"] == live.threshold
+            assert body["heatmap_png"][:8] == "iVBORw0K"  # base64 of the PNG signature
+        rows = LineLog(registry.engine).rows("dome")
+        assert len(rows) == len(picks)
+        assert {r.verdict for r in rows} <= {"PASS", "FAIL"} and rows[0].version == live.version
+        assert all(len(r.rgb_sha256) == 64 and r.model_hash == live.model_hash for r in rows)
+
+        # bad input: the CLI's one-line errors as 4xx, nothing recorded
+        sample = picks[0]
+        with open(sample.rgb_path, "rb") as rgb:
+            r = requests.post(
+                f"{base}/v1/categories/dome/score",
+                files={"rgb": rgb, "xyz": ("part.tiff", b"not a tiff")},
+            )
+        assert r.status_code == 422 and "xyz (part.tiff)" in r.json()["error"]
+        assert "\n" not in r.json()["error"]
+        with open(sample.rgb_path, "rb") as rgb, open(sample.xyz_path, "rb") as xyz:
+            r = requests.post(f"{base}/v1/categories/nosuch/score", files={"rgb": rgb, "xyz": xyz})
+        assert r.status_code == 404 and "nosuch" in r.json()["error"]
+        with open(sample.rgb_path, "rb") as rgb:
+            r = requests.post(f"{base}/v1/categories/dome/score", files={"rgb": rgb})
+        assert r.status_code == 422 and r.json()["error"].startswith("xyz: Field required")
+        assert len(LineLog(registry.engine).rows("dome")) == len(picks)
+
+        # a forged deployment (threshold 1e9, manifest recomputed) is refused; dome still
+        # answers with the audited version
+        forged_hash = _forge(live, tmp_path / "forged")
+        fields = {
+            k: getattr(live, k)
+            for k in ("artifact_hashes", "shot_hashes", "extractor_ids", "method_config")
+        }
+        registry.register(
+            category="dome",
+            model_path=str(tmp_path / "forged"),
+            model_hash=forged_hash,
+            metrics=live.metrics,
+            threshold=1e9,
+            code_version=live.code_version,
+            run_id="forged",
+            **fields,
+        )
+        deadline = time.time() + 60
+        while "dome" not in requests.get(f"{base}/v1/models").json()["refused"]:
+            assert time.time() < deadline, "the forged version was never looked at"
+            time.sleep(0.5)
+        state = requests.get(f"{base}/v1/models").json()
+        assert "audit" in state["refused"]["dome"]
+        dome = next(m for m in state["models"] if m["category"] == "dome")
+        assert dome["model_hash"] == live.model_hash and dome["version"] == live.version
+
+        # a legitimate new version (the same audited folder, registered again) answers
+        # once its audit passes
+        again = registry.register(
+            category="dome",
+            model_path=live.model_path,
+            model_hash=live.model_hash,
+            metrics=live.metrics,
+            threshold=live.threshold,
+            code_version=live.code_version,
+            run_id="again",
+            **fields,
+        )
+        deadline = time.time() + 60
+        while True:
+            dome = next(
+                m for m in requests.get(f"{base}/v1/models").json()["models"]
+                if m["category"] == "dome"
+            )  # fmt: skip
+            if dome["version"] == again.version:
+                break
+            assert time.time() < deadline, "the new version never answered"
+            time.sleep(0.5)
+        assert "dome" not in requests.get(f"{base}/v1/models").json()["refused"]
+    finally:
+        out = _stop(proc)
+    assert "Traceback" not in out, out
+
+
+def test_score_exit_codes_and_the_registry_lookup(home):
+    """`cfr score --category` takes the deployed model from the registry; exit 0 PASS,
+    1 FAIL, 2 error (one line)."""
+    home, _ = home
+    runner = CliRunner()
+    test = index_category(home / "demo" / "data", "dome").split("test")
+    report = json.loads(
+        (Path(registry_of(home).deployed("dome").model_path) / "report.json").read_text()
+    )
+    verdict = {s["name"]: s["verdict"] for s in report["scans"]}
+    for sample in test[:3]:
+        r = runner.invoke(
+            main,
+            ["score", "--category", "dome", "--home", str(home), str(sample.rgb_path),
+             str(sample.xyz_path)],
+        )  # fmt: skip
+        want = verdict[f"{sample.defect}/{sample.stem}"]
+        assert r.exit_code == {"PASS": 0, "FAIL": 1}[want], r.output
+        assert r.output.strip().endswith(want)
+    r = runner.invoke(
+        main,
+        ["score", "--category", "nosuch", "--home", str(home), str(test[0].rgb_path),
+         str(test[0].xyz_path)],
+    )  # fmt: skip
+    assert r.exit_code == 2 and "no deployed model for category 'nosuch'" in r.output
+    assert "dome" in r.output  # names the categories that are deployed
+    r = runner.invoke(main, ["score", str(test[0].rgb_path), str(test[0].xyz_path)])
+    assert r.exit_code == 2 and "--model" in r.output and "--category" in r.output
+
+
+def test_line_summary_warns_when_the_line_fails_more_than_good_parts_explain(home, tmp_path):
+    import datetime as dt
+
+    from cfr_assets.assets.line import line_fail_rate, line_summary
+    from cfr_core.line_log import LineLog, VerdictRow
+
+    home, _ = home
+    shutil.copyfile(home / "registry.db", tmp_path / "registry.db")
+    registry = registry_of(tmp_path)
+    log = LineLog(registry.engine)
+    store = CFRStore(registry_url=f"sqlite:///{tmp_path / 'registry.db'}")
+
+    def add(category: str, verdicts: list[str], score: float) -> None:
+        rec = registry.deployed(category)
+        for v in verdicts:
+            log.record(
+                VerdictRow(dt.datetime.now(dt.UTC), category, rec.version, rec.model_hash,
+                           "a" * 64, "b" * 64, score, rec.threshold, v)
+            )  # fmt: skip
+
+    def materialize():
+        with dg.DagsterInstance.ephemeral() as instance:
+            return dg.materialize(
+                [line_summary, line_fail_rate], resources={"store": store}, instance=instance
+            )
+
+    add("ribbed", ["PASS"] * 30, 0.5)  # a quiet line
+    add("dome", ["PASS"] * 2, 0.5)
+    result = materialize()
+    checks = result.get_asset_check_evaluations()
+    assert result.success and checks[0].passed  # dome: too few verdicts to judge
+    add("dome", ["FAIL"] * 14, 50.0)  # 14 of 16 fail: far more than good parts explain
+    result = materialize()
+    check = result.get_asset_check_evaluations()[0]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    text = _v(check.metadata["departing"])
+    assert text.startswith("dome: 14/16 failed") and "ribbed" not in text
+    meta = result.asset_materializations_for_node("line_summary")[0].metadata
+    assert _v(meta["parts judged"]) == 46 and _v(meta["categories departing"]) == "dome"

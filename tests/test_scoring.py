@@ -165,7 +165,8 @@ def test_cfr_score_gives_the_score_evaluate_gives_for_the_same_scan(synth_root, 
             ["score", "--model", str(model), str(samples[i].rgb_path), str(samples[i].xyz_path)]
             + ["--json"],
         )
-        assert out.exit_code == 0, out.output
-        assert json.loads(out.output)["score"] == pytest.approx(
-            float(evaluation.scores[i]), rel=1e-5
-        )
+        got = json.loads(out.output)
+        assert got["score"] == pytest.approx(float(evaluation.scores[i]), rel=1e-5)
+        # the same verdict as the evaluation, and the exit code says it (0 PASS, 1 FAIL)
+        assert got["verdict"] == evaluation.verdicts.scans[i]["verdict"]
+        assert out.exit_code == {"PASS": 0, "FAIL": 1}[got["verdict"]], out.output

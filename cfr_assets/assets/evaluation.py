@@ -21,7 +21,7 @@ from cfr_assets.assets.training import (
 )
 from cfr_assets.handoff import upstream
 from cfr_assets.partitions import RELEASE, stage_asset
-from cfr_assets.pictures import gallery, png_markdown
+from cfr_assets.pictures import captioned, gallery, png_markdown, score_histogram, verdict_table
 from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore
 from cfr_core.audit import audit, verify_lineage
 from cfr_core.data.mvtec import index_category
@@ -33,6 +33,7 @@ from cfr_core.engine.model import ShotRecord
 from cfr_core.io.artifacts import MODEL_JSON, load_model, save_model, verify_model
 from cfr_core.io.stages import REPORT_JSON, STAGE_JSON, TRAINING_STAGES, StageRef
 from cfr_core.scoring.overlay import overlay
+from cfr_core.scoring.verdict import threshold_table
 
 #: threshold source when every vouched scan is a shot and there is no validation split
 GATE_PASSED_ONLY = (
@@ -84,14 +85,38 @@ def candidate_ref(context, store: CFRStore) -> StageRef:
     return upstream(context, store, "evaluation_report")
 
 
+def candidate_rows(ev, threshold: float | None, gate: float | None):
+    """(threshold, false rejects, escapes, note) at the line threshold, the gate's, a few
+    multiples of the line's, and the highest good test score (the least that rejects none)."""
+    if threshold is None:
+        return []
+    good = [float(x) for x, d in zip(ev.scores, ev.defects, strict=True) if d == "good"]
+    marks = {threshold: "deployed (line)"}
+    for f in (0.8, 0.9, 1.1, 1.25, 1.5):
+        marks.setdefault(threshold * f, f"line x {f:g}")
+    if gate is not None:
+        marks[gate] = "quality gate"
+    if good:
+        marks.setdefault(max(good), "highest good test score")
+    ts = sorted(marks)
+    return [(t, frr, esc, marks[t]) for t, frr, esc in threshold_table(ev.scores, ev.defects, ts)]
+
+
 def metrics_table(report: dict) -> dg.MetadataValue:
     aupro = report["aupro"]
+
+    def pct(key: str) -> str:
+        value = report.get(key)
+        return "-" if value is None else f"{value:.1%}"
+
     return dg.MetadataValue.md(
-        "| I-AUROC | P-AUROC | AUPRO@30% | AUPRO@10% | AUPRO@5% | AUPRO@1% | replaced |\n"
-        "|---|---|---|---|---|---|---|\n"
+        "| I-AUROC | P-AUROC | AUPRO@30% | AUPRO@10% | AUPRO@5% | AUPRO@1% | replaced "
+        "| good rejected | defective passed | oracle passed |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
         f"| {report['image_auroc']:.3f} | {report['pixel_auroc']:.3f} | {aupro['0.3']:.3f} | "
         f"{aupro['0.1']:.3f} | {aupro['0.05']:.3f} | {aupro['0.01']:.3f} | "
-        f"{report['replacement_rate']:.3f} |"
+        f"{report['replacement_rate']:.3f} | {pct('false_reject_rate')} | {pct('escape_rate')} "
+        f"| {pct('oracle_escape_rate')} |"
     )
 
 
@@ -146,13 +171,15 @@ def evaluation_report(
         source = "not calibrated: non-finite weights"
     else:
         gate_library, left_out = _gate_library(data, store, category)
+        shot_samples = manifest_samples(refs["normal_shots"].json("shots.json"))
         gate_note = calibrate_and_gate(
             model,
             gate_library,
-            val or manifest_samples(refs["normal_shots"].json("shots.json")),
+            val or shot_samples,
             source,
             extractors,
             cache,
+            shot_samples,
         )
         if left_out:
             gate_note += (
@@ -160,6 +187,8 @@ def evaluation_report(
                 "(they can still be shots)"
             )
         context.log.info(gate_note)
+        if model.calibration is not None and not model.calibration.supported:
+            context.log.warning(f"{category}: {model.calibration.sentence()}")
         if source == GATE_PASSED_ONLY:
             context.log.warning(
                 f"{category}: the line's and the gate's thresholds come from scans a gate "
@@ -175,6 +204,12 @@ def evaluation_report(
         "method": cfg.method,
         "shots": len(model.shots),
     }
+    if model.calibration is not None:
+        meta["calibration"] = model.calibration.sentence()
+        meta["calibration_n"] = model.calibration.n
+        meta["target_false_reject"] = model.calibration.target
+        meta["target_supported"] = model.calibration.supported
+        meta["expected_false_reject_bound"] = model.calibration.expected_rate
     if model.theta is not None:
         meta["theta"] = model.theta
     report, pictures = None, []
@@ -183,6 +218,7 @@ def evaluation_report(
         ev = evaluate(model, dataset, cache, extractors)
         report = ev.to_dict()
         samples = test_samples(dataset, category)
+        v = ev.verdicts
         picks = [i for i, s in enumerate(samples) if s.label == 0][:2]
         picks += [i for i, s in enumerate(samples) if s.label == 1][
             :: max(1, ev.report.n_defective // 6)
@@ -190,29 +226,53 @@ def evaluation_report(
         vmax = float(np.quantile(ev.result.maps.numpy(), 0.999))
         for i in picks:
             scan = prepare_sample(samples[i], cfg.preprocess, surface=False)
-            pictures.append(overlay(scan.rgb, ev.result.maps[i].numpy(), vmax, ev.masks[i].numpy()))
+            tile = overlay(scan.rgb, ev.result.maps[i].numpy(), vmax, ev.masks[i].numpy())
+            verdict = v.scans[i]["verdict"]
+            pictures.append(
+                captioned(
+                    tile,
+                    f"{v.scans[i]['name']} {verdict}",
+                    None if verdict == "UNKNOWN" else verdict == "FAIL",
+                )
+            )
         meta["metrics"] = metrics_table(report)
         meta["image_auroc"] = report["image_auroc"]
         meta["aupro_30"] = report["aupro"]["0.3"]
         meta["replacement_rate"] = report["replacement_rate"]
         meta["n_test"] = report["n_test"]
-        meta["anomaly_maps (picture)"] = png_markdown(
+        if v.false_reject_rate is not None:
+            meta["false_reject_rate"] = v.false_reject_rate
+        if v.escape_rate is not None:
+            meta["escape_rate"] = v.escape_rate
+        if v.oracle_escape_rate is not None:
+            meta["oracle_escape_rate"] = v.oracle_escape_rate
+        meta["verdicts"] = dg.MetadataValue.md(v.summary().replace("\n", "  \n"))
+        meta["score histogram (picture)"] = png_markdown(
+            score_histogram(ev.scores, ev.defects, model.threshold, model.gate_threshold),
+            "test scores by kind, with the line and gate thresholds",
+        )
+        meta["false rejects and escapes by threshold"] = verdict_table(
+            candidate_rows(ev, model.threshold, model.gate_threshold)
+        )
+        meta["anomaly maps (picture)"] = png_markdown(
             gallery(pictures), "anomaly maps: 2 good parts, then defects"
         )
         meta["test_scores"] = dg.MetadataValue.table(
             [
                 dg.TableRecord(
                     {
-                        "scan": f"{s.defect}/{s.stem}",
-                        "score": round(float(ev.scores[i]), 4),
-                        "verdict": "FAIL" if ev.scores[i] > model.threshold else "pass",
+                        "scan": scan["name"],
+                        "defect": scan["defect"],
+                        "score": round(scan["score"], 4),
+                        "verdict": scan["verdict"],
                     }
                 )
-                for i, s in enumerate(samples)
+                for scan in v.scans
             ],
             dg.TableSchema(
                 columns=[
                     dg.TableColumn("scan", "string"),
+                    dg.TableColumn("defect", "string"),
                     dg.TableColumn("score", "float"),
                     dg.TableColumn("verdict", "string"),
                 ]
@@ -223,9 +283,11 @@ def evaluation_report(
     model.extra["metrics"] = report
     report_json = {
         "metrics": report,
+        "scans": ev.verdicts.scans if report is not None else [],
         "threshold": model.threshold,
         "gate_threshold": model.gate_threshold,
         "threshold_source": source,
+        "calibration": model.calibration.to_dict() if model.calibration else None,
         "theta": model.theta,
     }
 
@@ -301,6 +363,12 @@ def deployed_bank(context: dg.AssetExecutionContext, store: CFRStore) -> dg.Mate
         "audit": f"PASSED ({len(report.checks)} checks)",
         "registry": registry.safe_url,
     }
+    if model.calibration is not None:
+        out["calibration"] = model.calibration.sentence()
+        out["target_supported"] = model.calibration.supported
     if record.metrics:
         out["metrics"] = metrics_table(record.metrics)
+        for key in ("false_reject_rate", "escape_rate", "oracle_escape_rate"):
+            if record.metrics.get(key) is not None:
+                out[key] = record.metrics[key]
     return dg.MaterializeResult(metadata=out, data_version=dg.DataVersion(model_hash))
