@@ -314,6 +314,7 @@ def summarise(rows: list[dict], out: Path, o2m: set[str], title: str) -> str:
                 if any(c != "-" for c in cells):
                     lines.append(f"| {method} | {shot} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += verdict_table(rows, preset, methods, shots)
         lines += targets(rows, preset, methods, shots, cats, o2m_cats)
     text = "\n".join(lines) + "\n"
     notes = out / "accuracy_notes.md"
@@ -322,6 +323,45 @@ def summarise(rows: list[dict], out: Path, o2m: set[str], title: str) -> str:
     (out / "accuracy.md").write_text(text)
     _plot(rows, out / "accuracy.png", presets, methods, shots)
     return text
+
+
+def verdict_table(rows, preset, methods, shots) -> list[str]:
+    """False rejects and escapes at each model's calibrated threshold, and the oracle's
+    escapes at the same false-reject rate (means over categories and seeds)."""
+
+    def num(r, k):
+        try:
+            return float(r[k])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    out = [
+        f"## {preset} preset, the line at the calibrated threshold (mean over categories and "
+        "seeds)",
+        "",
+        "| method | shots | good parts rejected | defective parts passed | oracle passed "
+        "| gap | target supported |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method in methods:
+        for shot in shots:
+            sel = [
+                r
+                for r in rows
+                if (r["preset"], r["method"], r["shots"]) == (preset, method, shot)
+                and num(r, "false_reject_rate") is not None
+            ]
+            if not sel:
+                continue
+            frr = np.mean([num(r, "false_reject_rate") for r in sel])
+            esc = np.mean([num(r, "escape_rate") for r in sel])
+            orc = np.mean([num(r, "oracle_escape_rate") for r in sel])
+            sup = np.mean([str(r.get("target_supported")) == "True" for r in sel])
+            out.append(
+                f"| {method} | {shot} | {frr:.1%} | {esc:.1%} | {orc:.1%} | "
+                f"{(esc - orc) * 100:+.1f} pt | {sup:.0%} of {len(sel)} |"
+            )
+    return [*out, ""]
 
 
 def targets(rows, preset, methods, shots, cats, o2m_cats) -> list[str]:

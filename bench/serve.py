@@ -122,11 +122,14 @@ def main() -> None:
     p.add_argument("--category", default="dome")
     p.add_argument("--shots", type=int, default=4)
     p.add_argument("--model", type=Path, help="a model folder (default: fitted here, cached)")
+    p.add_argument(
+        "--data", type=Path, help="the dataset whose test split is posted (default: the benchmark)"
+    )
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args()
 
-    data = bench_data()
+    data = args.data or bench_data()
     model_dir = args.model or model_for(
         args.category, args.shots, ROOT / "bench" / ".models" / f"serve-{args.category}"
     )
@@ -219,9 +222,9 @@ def main() -> None:
         "",
         f"Machine: {result['machine']}, torch {result['torch']} ({result['torch_threads']} "
         f"threads), CPU, {result['date']}. Model: {DEFAULT_METHOD}, {DEFAULT_EXTRACTORS} "
-        f"preset, {args.shots} shots of the synthetic benchmark's {args.category} (256 px "
-        f"scans, 224 grid); its {len(samples)} test scans posted over HTTP to `cfr serve "
-        f"--model` on this machine, nothing else running.",
+        f"preset, {args.shots} shots of {args.category} from {data.name} (256 px scans, 224 "
+        f"grid); its {len(samples)} test scans posted over HTTP to `cfr serve --model` on this "
+        "machine, nothing else running.",
         "",
         "| p50 per part | p95 per part | mean | parts/s, "
         f"{args.clients} clients at once | start-up | verdicts = `cfr evaluate` |",

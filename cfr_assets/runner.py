@@ -31,13 +31,22 @@ class RunOutcome:
 
 
 def _failure(result: dg.ExecuteInProcessResult) -> str:
-    failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
+    failed = [
+        e
+        for e in result.get_asset_check_evaluations()
+        if not e.passed and e.severity == dg.AssetCheckSeverity.ERROR  # WARN does not block
+    ]
     if failed:
         details = []
         for e in failed:
             meta = {k: getattr(v, "value", v) for k, v in e.metadata.items()}
             why = next(
-                (meta[k] for k in ("regressions", "problems", "non_finite") if k in meta), ""
+                (
+                    meta[k]
+                    for k in ("regressions", "problems", "non_finite", "summary")
+                    if k in meta
+                ),
+                "",
             )
             details.append(f"{e.check_name} ({why})" if why else e.check_name)
         return "blocking check failed, nothing deployed: " + "; ".join(details)

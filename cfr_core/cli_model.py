@@ -21,7 +21,7 @@ from cfr_core.config import (
     ScoringConfig,
     preset_extractors,
 )
-from cfr_core.errors import ConfigError
+from cfr_core.errors import CFRError, ConfigError
 
 MODEL_OPTION = click.option(
     "--model",
@@ -440,11 +440,23 @@ def score_cmd(model_dir, category, home, registry_url, rgb, xyz, heatmap, as_jso
       3  UNKNOWN  the model has no threshold (never calibrated)
       2  error    bad input, no such model, an altered model folder (one line on stderr)
     """
-    from cfr_core.data.io import read_rgb, read_xyz
-    from cfr_core.engine.score import score_arrays
-
     if (model_dir is None) == (category is None):
         raise click.UsageError("pass exactly one of --model FOLDER or --category NAME")
+    try:
+        verdict = _score_one(model_dir, category, home, registry_url, rgb, xyz, heatmap, as_json)
+    except CFRError:
+        raise  # one line, exit 2 (_fail_cleanly)
+    except (Exception, KeyboardInterrupt) as exc:  # never exit 1 (FAIL) on a crash
+        click.secho(f"error: {type(exc).__name__}: {exc}", fg="red", err=True)
+        sys.exit(EXIT_ERROR)
+    sys.exit({"PASS": EXIT_PASS, "FAIL": EXIT_FAIL}.get(verdict, EXIT_UNKNOWN))
+
+
+def _score_one(model_dir, category, home, registry_url, rgb, xyz, heatmap, as_json) -> str:
+    from cfr_core.data.io import read_rgb, read_xyz
+    from cfr_core.engine.score import score_arrays
+    from cfr_core.errors import DataError
+
     if model_dir is None:
         model_dir = deployed_model_dir(category, home, registry_url)
     model, extractors = load_checked(model_dir)
@@ -452,10 +464,6 @@ def score_cmd(model_dir, category, home, registry_url, rgb, xyz, heatmap, as_jso
         model, extractors, read_rgb(rgb), read_xyz(xyz), str(xyz), gate_maps=False
     )
     score, verdict = result.score, result.verdict
-    if heatmap:
-        from cfr_core.scoring.overlay import save_overlay
-
-        save_overlay(heatmap, result.heatmap(), f"score {score:.3f} {verdict}")
     out = {
         "score": score,
         "threshold": model.threshold,
@@ -469,4 +477,11 @@ def score_cmd(model_dir, category, home, registry_url, rgb, xyz, heatmap, as_jso
     else:
         click.echo(f"score {score:.4f}  threshold {model.threshold:.4f}  {verdict}")
     sys.stdout.flush()
-    sys.exit({"PASS": EXIT_PASS, "FAIL": EXIT_FAIL}.get(verdict, EXIT_UNKNOWN))
+    if heatmap:  # after the verdict: a picture that cannot be written costs no verdict
+        from cfr_core.scoring.overlay import save_overlay
+
+        try:
+            save_overlay(heatmap, result.heatmap(), f"score {score:.3f} {verdict}")
+        except OSError as exc:
+            raise DataError(f"cannot write the heatmap ({exc})", heatmap) from exc
+    return verdict

@@ -33,8 +33,9 @@ from typing import Annotated, Any
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cfr_core.errors import CFRError, DataError
+from cfr_core.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class ModelHolder:
     refused: dict[str, str] = field(default_factory=dict)  # category -> why its new version waits
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _extractors: dict[str, Any] = field(default_factory=dict)
+    _refused_keys: dict[str, tuple] = field(default_factory=dict)  # (version, hash) refused
 
     def _extractors_for(self, model) -> Any:
         from cfr_core.engine.features import build_extractors
@@ -120,59 +122,76 @@ class ModelHolder:
             self.live = {category: live}
         return live
 
+    def snapshot(self) -> tuple[dict[str, LiveModel], dict[str, str]]:
+        """Copies of what answers and what was refused (the poll thread changes both)."""
+        with self._lock:
+            return dict(self.live), dict(self.refused)
+
+    def _refuse(self, category: str, key, why: str) -> str:
+        with self._lock:
+            self.refused[category] = why
+            if key is not None:
+                self._refused_keys[category] = key
+            current = self.live.get(category)
+        keep = f"version {current.version}" if current else "nothing"
+        return f"{category}: {why}; {keep} answers"
+
     def refresh(self) -> list[str]:
         """Load every deployment that differs from what answers now; swap each in only after
-        its audit passes. Returns one line per change or refusal."""
-        from cfr_core.audit import audit
-
+        its audit passes. A refused version is not tried again until its row changes; one
+        category's failure, whatever it is, never stops the others. Returns one line per
+        change or refusal."""
         if self.registry is None:
             return []
+        try:
+            categories = self.registry.categories()
+        except Exception as exc:  # the registry itself: keep answering with the live models
+            return [f"the registry cannot be read ({type(exc).__name__}: {exc}); the live "
+                    "models keep answering"]  # fmt: skip
         notes = []
-        for category in self.registry.categories():
+        for category in categories:
             try:
-                record = self.registry.deployed(category)
-            except CFRError as exc:
-                self.refused[category] = str(exc)
-                notes.append(f"{category}: registry refused: {exc}")
-                continue
-            current = self.live.get(category)
-            if record is None:
-                if current is not None:
-                    notes.append(
-                        f"{category}: no deployed version any more; still answering "
-                        f"with version {current.version} until one is deployed"
-                    )
-                continue
-            if current is not None and (current.version, current.model_hash) == (
-                record.version,
-                record.model_hash,
-            ):
-                continue
-            try:
-                report = audit(record, self.registry)
-                if not report.ok:
-                    failed = "; ".join(f"{w}: {d}" for w, ok, d in report.checks if not ok)
-                    raise DataError(f"audit of version {record.version} failed: {failed}")
-                new = self._load(
-                    category,
-                    record.version,
-                    record.model_path,
-                    f"PASSED ({len(report.checks)} checks)",
-                )
-                if new.model_hash != record.model_hash:
-                    raise DataError(f"version {record.version}'s folder changed after its audit")
-            except (CFRError, OSError, ValueError) as exc:
-                self.refused[category] = f"version {record.version}: {exc}"
-                keep = f"version {current.version}" if current else "nothing"
-                notes.append(
-                    f"{category}: version {record.version} refused ({exc}); {keep} answers"
-                )
-                continue
-            with self._lock:
-                self.live[category] = new
-            self.refused.pop(category, None)
-            notes.append(f"{category}: version {record.version} ({new.model_hash[:12]}) answers")
+                note = self._refresh_one(category)
+            except Exception as exc:  # never let one category stop the others
+                note = self._refuse(category, None, f"{type(exc).__name__}: {exc}")
+            if note:
+                notes.append(note)
         return notes
+
+    def _refresh_one(self, category: str) -> str | None:
+        from cfr_core.audit import audit
+
+        record = self.registry.deployed(category)
+        current = self.get(category)
+        if record is None:
+            return None  # a model that answers keeps answering until another is deployed
+        key = (record.version, record.model_hash)
+        if current is not None and (current.version, current.model_hash) == key:
+            with self._lock:
+                self.refused.pop(category, None)
+                self._refused_keys.pop(category, None)
+            return None
+        if self._refused_keys.get(category) == key:
+            return None  # refused already: not audited again until the row changes
+        report = audit(record, self.registry)
+        if not report.ok:
+            failed = "; ".join(f"{w}: {d}" for w, ok, d in report.checks if not ok)
+            return self._refuse(
+                category, key, f"version {record.version} refused: its audit failed ({failed})"
+            )
+        new = self._load(
+            category, record.version, record.model_path, f"PASSED ({len(report.checks)} checks)"
+        )
+        if new.model_hash != record.model_hash:
+            return self._refuse(
+                category, key, f"version {record.version} refused: its folder changed after "
+                "its audit"
+            )  # fmt: skip
+        with self._lock:
+            self.live[category] = new
+            self.refused.pop(category, None)
+            self._refused_keys.pop(category, None)
+        return f"{category}: version {record.version} ({new.model_hash[:12]}) answers"
 
     def get(self, category: str) -> LiveModel | None:
         with self._lock:
@@ -200,6 +219,7 @@ def _decode_upload(data: bytes, field_name: str, filename: str, reader, suffix: 
             return reader(path)
         except DataError as exc:
             text = exc.reason + (f" ({exc.fix})" if exc.fix else "")
+            text = text.replace(str(path), field_name).replace(tmp, "")
             raise ServiceError(422, f"{field_name} ({filename or 'upload'}): {text}") from exc
 
 
@@ -220,7 +240,7 @@ def score_upload(
 
     live = holder.get(category)
     if live is None:
-        known = ", ".join(sorted(holder.live)) or "none"
+        known = ", ".join(sorted(holder.snapshot()[0])) or "none"
         raise ServiceError(404, f"no model answers for category {category!r} (loaded: {known})")
     rgb_arr = _decode_upload(rgb, "rgb", rgb_name, read_rgb, ".png")
     xyz_arr = _decode_upload(xyz, "xyz", xyz_name, read_xyz, ".tiff")
@@ -239,7 +259,8 @@ def score_upload(
         "verdict": result.verdict,
     }
     if line_log is not None:
-        line_log.record(
+        record_or_refuse(
+            line_log,
             VerdictRow(
                 dt.datetime.now(dt.UTC),
                 category,
@@ -250,7 +271,7 @@ def score_upload(
                 result.score,
                 live.model.threshold,
                 result.verdict,
-            )
+            ),
         )
     if heatmap:
         from PIL import Image
@@ -259,6 +280,22 @@ def score_upload(
         Image.fromarray(result.heatmap()).save(buf, format="PNG")
         out["heatmap_png"] = base64.b64encode(buf.getvalue()).decode()
     return out
+
+
+def record_or_refuse(line_log, row) -> None:
+    """Record the verdict; a verdict that cannot be recorded is not given (HTTP 503)."""
+    from cfr_core.line_log import LineLogError
+
+    try:
+        line_log.record(row)
+    except LineLogError as exc:
+        raise ServiceError(
+            503, f"the verdict could not be recorded, so it is not given: {exc}"
+        ) from exc
+
+
+#: the largest request body read: both files at their cap, and room for the form's framing
+MAX_BODY_BYTES = 2 * MAX_UPLOAD_BYTES + 1024 * 1024
 
 
 def create_app(holder: ModelHolder, line_log=None, poll_seconds: float = 0.0) -> FastAPI:
@@ -293,6 +330,28 @@ def create_app(holder: ModelHolder, line_log=None, poll_seconds: float = 0.0) ->
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
         return JSONResponse(status_code=exc.status, content={"error": str(exc)})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)})
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        """Refuse an oversized body before it is read (the form parser would spool it)."""
+        if request.method in ("POST", "PUT"):
+            length = request.headers.get("content-length")
+            if length is None:
+                return JSONResponse(
+                    status_code=411, content={"error": "send a Content-Length header"}
+                )
+            if not length.isdigit():
+                return JSONResponse(status_code=400, content={"error": "bad Content-Length"})
+            if int(length) > MAX_BODY_BYTES:
+                return JSONResponse(
+                    status_code=413,
+                    content={"error": f"the request is larger than {MAX_BODY_BYTES // 2**20} MiB"},
+                )
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError):

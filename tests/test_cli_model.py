@@ -89,7 +89,7 @@ def test_fit_evaluate_score_end_to_end(synth_root, tmp_path):
     # 1 validation + 2 unused train scans are too few for 5 %: the shots' leave-one-out
     # scores join, and the rule says it cannot support the target
     cal = metrics["calibration"]
-    assert cal["n"] == 5 and not cal["supported"] and cal["rule"].startswith("highest")
+    assert cal["n"] == 3 and not cal["supported"] and cal["rule"].startswith("highest")
     assert {k: len(v) for k, v in cal["scores"].items()} == {
         "validation/good": 1,
         "other good scans": 2,

@@ -182,6 +182,38 @@ def test_blocking_check_stops_deployment(home):
     assert audit(registry.deployed("dome"), registry).ok  # the previous deployment is intact
 
 
+def test_a_threshold_that_rejects_good_parts_is_not_deployed(home, monkeypatch):
+    """A candidate whose threshold rejects more labelled good test scans than its
+    calibration promises is stopped by line_false_reject, which names the scans."""
+    home, _ = home
+    import cfr_core.engine.fit as fit_module
+    from cfr_core.scoring.verdict import calibrate_threshold
+
+    def optimistic(scores, target, margin):
+        # a calibration that believes good parts score a third of what they do
+        return calibrate_threshold(
+            {k: [x / 3 for x in v] for k, v in scores.items()}, target, margin
+        )
+
+    monkeypatch.setattr(fit_module, "calibrate_threshold", optimistic)
+    registry = registry_of(home)
+    before = registry.deployed("ribbed").version
+    outcome = run(home, "ribbed", epochs=6)
+    assert not outcome.success and "line_false_reject (" in outcome.message
+    assert "good test scans rejected" in outcome.message
+    assert "threshold_calibration" not in outcome.message  # a WARN blocks nothing
+    assert registry.deployed("ribbed").version == before
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        record = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [dg.AssetCheckKey(dg.AssetKey("evaluation_report"), "line_false_reject")]
+        )
+    evaluation = next(iter(record.values())).evaluation
+    assert not evaluation.passed
+    rejected = _v(evaluation.metadata["rejected good scans"])
+    assert rejected.startswith("good/") and "over the threshold" in rejected
+    assert _v(evaluation.metadata["false_reject_rate"]) > _v(evaluation.metadata["allowed_rate"])
+
+
 def test_nan_weights_are_blocked(home, monkeypatch):
     home, _ = home
     import cfr_assets.assets.training as training

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cfr_core.scoring.verdict import (
+    LEAVE_ONE_OUT,
     MAX_TIMES_MARGIN,
     ORDER_STATISTIC,
     Calibration,
@@ -46,7 +47,7 @@ def test_too_few_scans_fall_back_loudly_to_the_highest_score_times_the_margin():
     assert cal.expected_rate == pytest.approx(1 / 9)
     assert cal.confidence_bound == pytest.approx(1 - 0.1 ** (1 / 8))
     text = cal.sentence()
-    assert "TARGET NOT SUPPORTED" in text and "8 validation/good" in text and "19" in text
+    assert "TARGET NOT SUPPORTED" in text and "8 validation/good" in text and "needs 19" in text
 
 
 def test_the_rule_keeps_its_promise_on_simulated_lines():
@@ -85,22 +86,56 @@ def test_a_target_outside_zero_one_is_refused(target):
         calibrate_threshold([1.0, 2.0], target, 0.1)
 
 
-def test_calibration_round_trips_and_refuses_edits():
+def test_calibration_round_trips_and_refuses_every_edit():
     cal = calibrate_threshold({"validation/good": [1.0, 2.0, 3.0]}, 0.05, 0.1)
     assert Calibration.from_dict(cal.to_dict()) == cal
-    for edit, match in (
-        ({"threshold": float("nan")}, "finite"),
-        ({"threshold": "1.0"}, "number"),
-        ({"n": -1}, "whole number"),
-        ({"rule": "whatever"}, "rule"),
-        ({"target": 0.0}, "target"),
-        ({"extra_field": 1}, "unknown"),
-        ({"scores": {"a": ["3"]}}, "scores"),
-        ({"scores": {"a": [1.0, float("nan"), 2.0]}}, "scores"),
-        ({"scores": {"a": [1.0, 2.0]}}, "differs"),
+    supported = calibrate_threshold({"validation/good": list(np.arange(1.0, 21.0))}, 0.05, 0.0)
+    assert Calibration.from_dict(supported.to_dict()) == supported
+    for record, edit, match in (
+        (cal, {"threshold": float("nan")}, "edited"),
+        (cal, {"threshold": 100.0}, "threshold 100.0 is not what"),
+        (cal, {"threshold": "3.3"}, "edited"),
+        (cal, {"n": -1}, "edited"),
+        (cal, {"n": 4}, "edited"),
+        (cal, {"k": 0}, "edited"),
+        (cal, {"supported": True}, "supported True is not"),
+        (cal, {"needed": 1}, "edited"),
+        (cal, {"expected_rate": 0.0}, "edited"),
+        (cal, {"confidence_bound": 0.05}, "edited"),
+        (cal, {"rule": "whatever"}, "edited"),
+        (cal, {"margin": -0.1}, "finite and >= 0"),
+        (cal, {"target": 0.0}, "target"),
+        (cal, {"target": "0.05"}, "number"),
+        (cal, {"extra_field": 1}, "unknown"),
+        (cal, {"scores": {}}, "non-empty"),
+        (cal, {"scores": {"a": ["3"]}}, "scores"),
+        (cal, {"scores": {"a": [1.0, float("nan"), 2.0]}}, "scores"),
+        (cal, {"scores": {"validation/good": [1.0, 2.0, 3.5]}}, "threshold"),
+        (supported, {"margin": 0.5}, "margin must be 0"),
     ):
         with pytest.raises(ValueError, match=match):
-            Calibration.from_dict({**cal.to_dict(), **edit})
+            Calibration.from_dict({**record.to_dict(), **edit})
+    lacking = cal.to_dict()
+    del lacking["scores"]
+    with pytest.raises(ValueError, match="lacks"):
+        Calibration.from_dict(lacking)
+
+
+def test_leave_one_out_scores_raise_the_maximum_but_never_count_as_exchangeable():
+    """The shots' leave-one-out scores come from banks with one shot fewer: they may raise
+    the highest score, but n, the supported decision and the bounds read only the scans
+    the model never saw."""
+    unseen = list(np.linspace(1.0, 2.0, 8))
+    cal = calibrate_threshold(
+        {"validation/good": unseen, LEAVE_ONE_OUT: [0.5, 0.6, 2.5, 0.7]}, 0.1, 0.25
+    )
+    assert cal.n == 8 and not cal.supported and cal.needed == 9  # 12 scores, 8 exchangeable
+    assert cal.threshold == pytest.approx(2.5 * 1.25)
+    assert cal.expected_rate == pytest.approx(1 / 9)
+    only_loo = calibrate_threshold({LEAVE_ONE_OUT: [0.5, 0.9]}, 0.05, 0.25)
+    assert only_loo.n == 0 and only_loo.expected_rate == 1.0 and only_loo.confidence_bound == 1.0
+    assert only_loo.threshold == pytest.approx(0.9 * 1.25)
+    assert "there are 0" in only_loo.sentence()
 
 
 def test_verdicts_count_false_rejects_and_escapes_per_defect():
@@ -131,6 +166,12 @@ def test_oracle_finds_a_better_threshold_when_the_calibrated_one_is_too_high():
     v = verdicts([*good, *bad], ["good"] * 4 + ["dent"] * 3, list("abcdefg"), threshold=1.2)
     assert v.false_reject_rate == 0.0 and v.escape_rate == pytest.approx(2 / 3)
     assert v.oracle_escape_rate == 0.0
+
+
+def test_a_score_that_is_not_a_number_never_passes():
+    v = verdicts([float("nan"), 0.5, float("nan")], ["good", "good", "dent"], list("abc"), 1.0)
+    assert [s["verdict"] for s in v.scans] == ["FAIL", "PASS", "FAIL"]
+    assert v.false_rejects == 1 and v.escapes == 0 and v.per_defect["good"]["rejected"] == 1
 
 
 def test_without_a_threshold_every_verdict_is_unknown():

@@ -13,6 +13,7 @@ import dagster as dg
 
 from cfr_assets.partitions import OWNERS
 from cfr_assets.resources import CFRStore
+from cfr_core.errors import CFRError
 from cfr_core.io.artifacts import MODEL_JSON, read_json
 from cfr_core.line_log import LineLog
 from cfr_core.scoring.verdict import Calibration
@@ -25,37 +26,51 @@ FAIL_RATE_P = 0.01
 
 
 def summarise_category(registry, log: LineLog, category: str) -> dict | None:
-    """One category's line summary for its deployed model; None when nothing is deployed."""
-    from scipy.stats import binom
+    """One category's line summary for its deployed model; None when nothing is deployed.
+    A deployment whose model.json cannot be read is summarised with ``unreadable`` set."""
+    from scipy.stats import betabinom
 
     record = registry.deployed(category)
     if record is None:
         return None
-    meta = read_json(Path(record.model_path) / MODEL_JSON, "model.json")
-    cal = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
-    rows = log.rows(category, model_hash=record.model_hash)
-    n = len(rows)
-    fails = sum(r.verdict == "FAIL" for r in rows)
+    rows = log.rows(category)
+    mine = [r for r in rows if r.model_hash == record.model_hash]
+    n = len(mine)
+    fails = sum(r.verdict == "FAIL" for r in mine)
     out = {
         "category": category,
         "version": record.version,
         "verdicts": n,
-        "pass": sum(r.verdict == "PASS" for r in rows),
+        "other_models": len(rows) - n,  # answered by another model (before a swap, a refusal)
+        "pass": sum(r.verdict == "PASS" for r in mine),
         "fail": fails,
         "fail_rate": fails / n if n else None,
-        "predicted_good_fail_rate": cal.expected_rate if cal else None,
+        "predicted_good_fail_rate": None,
         "p_value": None,
-        "median_score": statistics.median(r.score for r in rows) if rows else None,
+        "median_score": statistics.median(r.score for r in mine) if mine else None,
         "calibration_median": None,
         "drift": None,
         "above_calibration_max": None,
+        "unreadable": "",
     }
-    if cal is not None and rows:
+    try:
+        meta = read_json(Path(record.model_path) / MODEL_JSON, "model.json")
+        cal = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
+    except (CFRError, ValueError, TypeError, KeyError) as exc:
+        out["unreadable"] = str(exc)
+        return out
+    if cal is None:
+        return out
+    out["predicted_good_fail_rate"] = cal.expected_rate
+    if mine:
         scores = cal.all_scores()
         out["calibration_median"] = statistics.median(scores)
-        out["drift"] = out["median_score"] / out["calibration_median"]
-        out["above_calibration_max"] = sum(r.score > max(scores) for r in rows) / n
-        out["p_value"] = float(binom.sf(fails - 1, n, cal.expected_rate)) if fails else 1.0
+        if out["calibration_median"] > 0:
+            out["drift"] = out["median_score"] / out["calibration_median"]
+        out["above_calibration_max"] = sum(r.score > max(scores) for r in mine) / n
+        # the calibrated threshold's false-reject rate is Beta-distributed: the FAIL count of
+        # good parts alone is beta-binomial
+        out["p_value"] = float(betabinom.sf(fails - 1, n, *cal.beta())) if fails else 1.0
     return out
 
 
@@ -89,14 +104,15 @@ def line_summary(context: dg.AssetExecutionContext, store: CFRStore) -> dg.Mater
     ]
     lines = [
         "| category | version | parts | PASS | FAIL | FAIL rate | good parts predicted | "
-        "median score / calibration's | above calibration max |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "median score / calibration's | above calibration max | by other models | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         lines.append(
             f"| {s['category']} | {s['version']} | {s['verdicts']} | {s['pass']} | {s['fail']} | "
             f"{_fmt(s['fail_rate'], '.1%')} | <= {_fmt(s['predicted_good_fail_rate'], '.1%')} | "
-            f"{_fmt(s['drift'], '.2f')} | {_fmt(s['above_calibration_max'], '.1%')} |"
+            f"{_fmt(s['drift'], '.2f')} | {_fmt(s['above_calibration_max'], '.1%')} | "
+            f"{s['other_models']} | {s['unreadable'] or ''} |"
         )
     return dg.MaterializeResult(
         metadata={
@@ -105,6 +121,8 @@ def line_summary(context: dg.AssetExecutionContext, store: CFRStore) -> dg.Mater
             "parts failed": sum(s["fail"] for s in summaries),
             "categories departing": ", ".join(s["category"] for s in summaries if departs(s))
             or "none",
+            "unreadable deployments": ", ".join(s["category"] for s in summaries if s["unreadable"])
+            or "none",
         }
     )
 
@@ -112,7 +130,7 @@ def line_summary(context: dg.AssetExecutionContext, store: CFRStore) -> dg.Mater
 @dg.asset_check(
     asset=line_summary,
     description="WARN when a category's FAIL rate on the line is higher than its calibration "
-    f"predicts for good parts (binomial test, p < {FAIL_RATE_P}, at least {MIN_VERDICTS} "
+    f"predicts for good parts (beta-binomial, p < {FAIL_RATE_P}, at least {MIN_VERDICTS} "
     "verdicts): defects, or a line that drifted from the scans the model was fitted on.",
 )
 def line_fail_rate(store: CFRStore) -> dg.AssetCheckResult:
@@ -122,10 +140,11 @@ def line_fail_rate(store: CFRStore) -> dg.AssetCheckResult:
     for category in registry.categories():
         s = summarise_category(registry, log, category)
         if s is not None and departs(s):
+            drift = "-" if s["drift"] is None else f"{s['drift']:.2f}x"
             bad.append(
                 f"{category}: {s['fail']}/{s['verdicts']} failed ({s['fail_rate']:.1%}) where "
                 f"good parts fail <= {s['predicted_good_fail_rate']:.1%} "
-                f"(p = {s['p_value']:.2g}; median score {s['drift']:.2f}x calibration's)"
+                f"(p = {s['p_value']:.2g}; median score {drift} calibration's)"
             )
     return dg.AssetCheckResult(
         passed=not bad,

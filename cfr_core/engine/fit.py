@@ -16,6 +16,7 @@ exactly the detector that `cfr fit` builds):
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -34,14 +35,20 @@ from cfr_core.engine.infer import InferenceResult, infer, plausibility
 from cfr_core.engine.model import FittedModel, ShotRecord
 from cfr_core.engine.normalize import FeatureNorm
 from cfr_core.engine.train import Progress, train_mappers, train_retriever
-from cfr_core.errors import ConfigError, EmptyCategoryError
+from cfr_core.errors import ConfigError, DataError, EmptyCategoryError
 from cfr_core.features.base import Extractor
 from cfr_core.memory.bank import Banks, build_banks, build_joint_bank
 from cfr_core.metrics.report import MetricReport, compute_report
 from cfr_core.models.mappers import CrossModalMappers
 from cfr_core.models.retriever import AttentionRetriever
 from cfr_core.scoring.maps import aupro_maps, gate_threshold, pixel_maps
-from cfr_core.scoring.verdict import Verdicts, calibrate_threshold, needed_scans, verdicts
+from cfr_core.scoring.verdict import (
+    LEAVE_ONE_OUT,
+    Verdicts,
+    calibrate_threshold,
+    needed_scans,
+    verdicts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -291,13 +298,27 @@ def calibrate(
     unseen scans, the highest x (1 + ``gate_margin``).
     """
     scoring = model.config.scoring
-    first = infer(model, features).scores.tolist() if features is not None and len(features) else []
-    more = infer(model, unseen).scores.tolist() if unseen is not None and len(unseen) else []
-    pooled = {source: first, "other good scans": more}
+    pooled: dict[str, list[float]] = {}
+    for name, feats in ((source, features), ("other good scans", unseen)):
+        if feats is None or not len(feats):
+            continue
+        values = infer(model, feats).scores.tolist()
+        broken = [key for key, v in zip(feats.keys, values, strict=True) if not math.isfinite(v)]
+        if broken:
+            raise DataError(
+                f"good scan(s) {', '.join(broken)} score non-finite: the threshold cannot be "
+                "calibrated",
+                None,
+                "check them with `cfr data check`, or remove them from the good scans",
+            )
+        pooled[name] = values
+    first, more = pooled.get(source, []), pooled.get("other good scans", [])
     if shots is not None and len(first) + len(more) < needed_scans(scoring.target_false_reject):
-        pooled["leave-one-out shots"] = cross_fitted_scores(model, shots)
-    if not any(pooled.values()):
-        raise ValueError("no good scan to calibrate the threshold on")
+        loo = [v for v in cross_fitted_scores(model, shots) if math.isfinite(v)]
+        if loo:
+            pooled[LEAVE_ONE_OUT] = loo
+    if not pooled:
+        raise EmptyCategoryError("no good scan to calibrate the line threshold on", None)
     model.calibration = calibrate_threshold(
         pooled, scoring.target_false_reject, scoring.threshold_margin
     )

@@ -262,6 +262,15 @@ def model_from_parts(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
         if not isinstance(calibration, dict):
             raise ValueError(f"calibration must be an object, got {type(calibration).__name__}")
         model.calibration = Calibration.from_dict(calibration)
+        scoring = config.scoring
+        if model.calibration.target != scoring.target_false_reject or (
+            not model.calibration.supported
+            and model.calibration.margin != scoring.threshold_margin
+        ):
+            raise ValueError(
+                "calibration target / margin differ from the config's target_false_reject / "
+                "threshold_margin"
+            )
         if model.calibration.threshold != model.threshold:
             raise ValueError(
                 f"threshold {model.threshold!r} differs from its calibration's "

@@ -45,22 +45,33 @@ def rate_bound(n: int, k: int, confidence: float = CONFIDENCE) -> float:
     return float(betaincinv(n + 1 - k, k, confidence))
 
 
+#: the source name of the shots' leave-one-out scores: recorded and read for the highest
+#: score, never counted as exchangeable with new parts (their banks hold one shot fewer)
+LEAVE_ONE_OUT = "leave-one-out shots"
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """How the line's threshold was set: the rule, from how many good scans, what it promises."""
+    """How the line's threshold was set: the rule, from how many good scans, what it promises.
+
+    ``n`` counts the scans exchangeable with new good parts (every source but
+    :data:`LEAVE_ONE_OUT`); only they decide whether the target is supported and what the
+    bounds are. A record is accepted on load only if recomputing the rule from its own
+    scores, target and margin gives every one of its fields back.
+    """
 
     threshold: float
     rule: str  # ORDER_STATISTIC or MAX_TIMES_MARGIN
     target: float  # the stated false-reject rate
-    n: int  # good scans' scores it was set on
+    n: int  # exchangeable good scans it was set on
     k: int  # the order statistic (1-based) the threshold is, or is above (k = n)
     supported: bool  # n supports the target (k <= n)
     needed: int  # scans the target needs
     expected_rate: float  # expected false-reject rate is at most this
     confidence_bound: float  # ... and at most this with CONFIDENCE
     margin: float = 0.0  # MAX_TIMES_MARGIN only
-    # the n good scores, by where they came from (validation/good, other good scans, the
-    # shots' leave-one-out scores): what the line's scores are compared with for drift
+    # every good score it read, by source (validation/good, other good scans, the shots'
+    # leave-one-out scores): what the line's scores are compared with for drift
     scores: dict[str, list[float]] = field(default_factory=dict)
 
     @property
@@ -70,50 +81,67 @@ class Calibration:
     def all_scores(self) -> list[float]:
         return sorted(x for v in self.scores.values() for x in v)
 
+    def beta(self) -> tuple[int, int]:
+        """(a, b): the threshold's false-reject rate is at most Beta(a, b) distributed for good
+        parts exchangeable with the n scans (exactly so for the order statistic)."""
+        return self.n + 1 - self.k, max(self.k, 1)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
-        known = {f for f in cls.__dataclass_fields__}
+        """A stored record, refused (ValueError naming the field) unless it is exactly what
+        the rule gives for its own scores, target and margin."""
+        known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"calibration has unknown fields {sorted(unknown)}")
-        missing = known - set(data) - {"margin", "scores"}
+        missing = known - set(data)
         if missing:
             raise ValueError(f"calibration lacks {sorted(missing)}")
-        for name in ("threshold", "target", "expected_rate", "confidence_bound", "margin"):
-            value = data.get(name, 0.0)
+        for name in ("target", "margin"):
+            value = data[name]
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"calibration {name} must be a number, got {value!r}")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"calibration {name} must be finite and >= 0, got {value!r}")
-        for name in ("n", "k", "needed"):
-            value = data[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"calibration {name} must be a whole number >= 0, got {value!r}")
-        if data["rule"] not in (ORDER_STATISTIC, MAX_TIMES_MARGIN):
-            raise ValueError(f"calibration rule {data['rule']!r} is not one this code knows")
         if not 0.0 < data["target"] < 1.0:
             raise ValueError(f"calibration target must be in (0, 1), got {data['target']!r}")
-        scores = data.get("scores", {})
-        if not isinstance(scores, dict) or not all(
-            isinstance(k, str)
-            and isinstance(v, list)
-            and all(
-                isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-                for x in v
+        scores = data["scores"]
+        if (
+            not isinstance(scores, dict)
+            or not scores
+            or not all(
+                isinstance(k, str)
+                and isinstance(v, list)
+                and v
+                and all(
+                    isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+                    for x in v
+                )
+                for k, v in scores.items()
             )
-            for k, v in scores.items()
         ):
-            raise ValueError("calibration scores must map sources to lists of finite numbers")
-        if scores and sum(len(v) for v in scores.values()) != data["n"]:
-            raise ValueError(f"calibration n {data['n']} differs from the scores it lists")
-        return cls(**data)
+            raise ValueError(
+                "calibration scores must map sources to non-empty lists of finite numbers"
+            )
+        derived = calibrate_threshold(scores, float(data["target"]), float(data["margin"]))
+        if derived.rule == ORDER_STATISTIC and data["margin"] != 0.0:
+            raise ValueError("calibration margin must be 0 when the order statistic is used")
+        for name, value in derived.to_dict().items():
+            if name in ("scores", "margin"):
+                continue
+            if data[name] != value or type(data[name]) is not type(value):
+                raise ValueError(
+                    f"calibration {name} {data[name]!r} is not what its own scores give "
+                    f"({value!r}): the record was edited"
+                )
+        return derived
 
     def sentence(self) -> str:
         """One line for logs, reports and `cfr fit`."""
-        where = ", ".join(f"{v} {k}" for k, v in self.sources.items() if v) or f"{self.n} scans"
+        where = ", ".join(f"{v} {k}" for k, v in self.sources.items() if v) or "no scans"
         promise = (
             f"an expected false-reject rate <= {self.expected_rate:.1%} "
             f"(<= {self.confidence_bound:.1%} with {CONFIDENCE:.0%} confidence)"
@@ -124,9 +152,10 @@ class Calibration:
                 f"for a {self.target:.1%} target: {promise}"
             )
         return (
-            f"threshold {self.threshold:.4f} = highest of {self.n} good scores ({where}) x "
+            f"threshold {self.threshold:.4f} = highest good score ({where}) x "
             f"{1 + self.margin:.2f}: TARGET NOT SUPPORTED ({self.target:.1%} needs "
-            f"{self.needed} scans); the scans alone promise only {promise}"
+            f"{self.needed} good scans the model was not fitted on, there are {self.n}); "
+            f"the scans alone promise only {promise}"
         )
 
 
@@ -135,22 +164,27 @@ def calibrate_threshold(
 ) -> Calibration:
     """The line's threshold from good scans' scores, for a ``target`` false-reject rate.
 
-    ``scores``: a list, or lists by source (kept with the calibration). Supported (enough
-    scans): the k-th smallest score, k = ceil((n+1)(1-target)). Otherwise the highest
-    score x (1 + ``margin``), flagged ``supported=False``. Non-finite scores are refused:
-    they would silently shrink n.
+    ``scores``: a list, or lists by source (kept with the calibration). The scans of every
+    source but :data:`LEAVE_ONE_OUT` are the exchangeable ones (n). Supported (n at least
+    :func:`needed_scans`): their k-th smallest score, k = ceil((n+1)(1-target)).
+    Otherwise the highest score of every source x (1 + ``margin``), ``supported=False``.
+    Non-finite scores are refused: they would silently shrink n.
     """
     if not 0.0 < target < 1.0:
         raise ValueError(f"target false-reject rate must be in (0, 1), got {target!r}")
+    if isinstance(margin, bool) or not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"threshold margin must be finite and >= 0, got {margin!r}")
     by_source = dict(scores) if isinstance(scores, dict) else {"good scans": scores}
     by_source = {k: [float(x) for x in v] for k, v in by_source.items() if len(v)}
-    values = np.asarray([x for v in by_source.values() for x in v], dtype=float)
-    if values.size == 0:
+    every = np.asarray([x for v in by_source.values() for x in v], dtype=float)
+    if every.size == 0:
         raise ValueError("no good scan's score to calibrate a threshold on")
-    if not np.isfinite(values).all():
+    if not np.isfinite(every).all():
         raise ValueError("a good scan's score is not finite: the threshold cannot be calibrated")
-    ordered = np.sort(values)
-    n = len(ordered)
+    exchangeable = np.sort(
+        [x for k, v in by_source.items() if k != LEAVE_ONE_OUT for x in v]
+    ).astype(float)
+    n = len(exchangeable)
     k = math.ceil((n + 1) * (1.0 - target) - 1e-9)
     common = {
         "target": float(target),
@@ -158,9 +192,9 @@ def calibrate_threshold(
         "needed": needed_scans(target),
         "scores": by_source,
     }
-    if k <= n:
+    if n and k <= n:
         return Calibration(
-            threshold=float(ordered[k - 1]),
+            threshold=float(exchangeable[k - 1]),
             rule=ORDER_STATISTIC,
             k=k,
             supported=True,
@@ -169,12 +203,12 @@ def calibrate_threshold(
             **common,
         )
     return Calibration(
-        threshold=float(ordered[-1]) * (1.0 + margin),
+        threshold=float(every.max()) * (1.0 + margin),
         rule=MAX_TIMES_MARGIN,
         k=n,
         supported=False,
         expected_rate=1.0 / (n + 1),
-        confidence_bound=rate_bound(n, n),
+        confidence_bound=rate_bound(n, n) if n else 1.0,
         margin=float(margin),
         **common,
     )
@@ -187,11 +221,11 @@ def verdict_of(score: float, threshold: float | None) -> str:
     """PASS / FAIL against the threshold (FAIL when the score is above it); UNKNOWN without one."""
     if threshold is None:
         return "UNKNOWN"
-    return "FAIL" if score > threshold else "PASS"
+    return "PASS" if score <= threshold else "FAIL"  # a NaN score never passes
 
 
 def _rates(good: np.ndarray, bad: np.ndarray, threshold: float) -> tuple[float, float]:
-    frr = float((good > threshold).mean()) if good.size else float("nan")
+    frr = float((~(good <= threshold)).mean()) if good.size else float("nan")
     esc = float((bad <= threshold).mean()) if bad.size else float("nan")
     return frr, esc
 
@@ -272,7 +306,7 @@ def verdicts(
         entry: dict[str, Any] = {"n": int(vals.size)}
         if threshold is not None:
             if kind == GOOD:
-                entry["rejected"] = int((vals > threshold).sum())
+                entry["rejected"] = int((~(vals <= threshold)).sum())
                 entry["rate"] = entry["rejected"] / vals.size
             else:
                 entry["escaped"] = int((vals <= threshold).sum())
@@ -285,7 +319,7 @@ def verdicts(
         threshold=float(threshold),
         n_good=int(good.size),
         n_defective=int(bad.size),
-        false_rejects=int((good > threshold).sum()),
+        false_rejects=int((~(good <= threshold)).sum()),
         escapes=int((bad <= threshold).sum()),
         false_reject_rate=None if math.isnan(frr) else frr,
         escape_rate=None if math.isnan(esc) else esc,

@@ -1,0 +1,105 @@
+"""`cfr serve`'s model holder: audited swaps that no failure of one category can stop.
+
+The real server over HTTP, on a registry the pipeline wrote, is tested in
+tests/test_pipeline.py; here the registry and the audit are stand-ins, so that every
+failure can be produced on purpose.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+import cfr_core.audit
+from cfr_core.serve import LiveModel, ModelHolder
+
+
+class Registry:
+    def __init__(self, rows: dict):
+        self.rows = rows
+
+    def categories(self):
+        if isinstance(self.rows, Exception):
+            raise self.rows
+        return sorted(self.rows)
+
+    def deployed(self, category):
+        row = self.rows[category]
+        if isinstance(row, Exception):
+            raise row
+        return row
+
+
+def row(version: int, digest: str) -> SimpleNamespace:
+    return SimpleNamespace(version=version, model_hash=digest, model_path=f"/m/{digest}")
+
+
+@pytest.fixture
+def holder(monkeypatch):
+    audits: list[str] = []
+
+    def audit(record, registry):
+        audits.append(record.model_hash)
+        if record.model_hash == "crash":
+            raise IndexError("tuple index out of range")  # e.g. a hand-edited model_path
+        ok = record.model_hash != "forged"
+        return SimpleNamespace(
+            ok=ok, checks=[("model folder = registry hash", ok, "" if ok else "differs")]
+        )
+
+    def load(self, category, version, folder, audit_text):
+        return LiveModel(category, version, folder.rsplit("/", 1)[-1], folder, None, None, "", "")
+
+    monkeypatch.setattr(cfr_core.audit, "audit", audit)
+    monkeypatch.setattr(ModelHolder, "_load", load)
+    h = ModelHolder(registry=Registry({"dome": row(1, "d1"), "ribbed": row(1, "r1")}))
+    h.audits = audits
+    return h
+
+
+def test_only_audited_versions_answer_and_a_refusal_keeps_the_live_model(holder):
+    holder.refresh()
+    assert {c: m.model_hash for c, m in holder.snapshot()[0].items()} == {
+        "dome": "d1",
+        "ribbed": "r1",
+    }
+    holder.registry.rows["dome"] = row(2, "forged")
+    notes = holder.refresh()
+    assert holder.get("dome").model_hash == "d1"  # still the audited version 1
+    assert "version 2 refused: its audit failed" in holder.snapshot()[1]["dome"]
+    assert any("version 1 answers" in n for n in notes)
+    holder.registry.rows["dome"] = row(3, "d3")
+    holder.refresh()
+    assert holder.get("dome").version == 3 and "dome" not in holder.snapshot()[1]
+
+
+def test_a_refused_version_is_not_audited_again_until_its_row_changes(holder):
+    holder.refresh()
+    holder.registry.rows["dome"] = row(2, "forged")
+    for _ in range(3):
+        holder.refresh()
+    assert holder.audits.count("forged") == 1
+    holder.registry.rows["dome"] = row(1, "d1")  # rolled back to what answers
+    holder.refresh()
+    assert "dome" not in holder.snapshot()[1] and holder.audits.count("d1") == 1
+
+
+def test_one_category_failing_in_any_way_never_stops_the_others(holder):
+    holder.registry.rows = {
+        "aaa": row(1, "crash"),  # the audit itself raises
+        "bbb": RuntimeError("database is locked"),  # the registry row cannot be read
+        "ribbed": row(1, "r1"),
+    }
+    notes = holder.refresh()
+    live, refused = holder.snapshot()
+    assert set(live) == {"ribbed"}
+    assert "IndexError" in refused["aaa"] and "RuntimeError" in refused["bbb"]
+    assert len(notes) == 3
+    holder.registry.rows = OSError("the registry is gone")
+    notes = holder.refresh()
+    assert notes == [
+        "the registry cannot be read (OSError: the registry is gone); the live models keep "
+        "answering"
+    ]
+    assert set(holder.snapshot()[0]) == {"ribbed"}
