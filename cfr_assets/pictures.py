@@ -30,6 +30,13 @@ def loss_plot(history: dict[str, list[float]]) -> Image.Image:
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.legend()
+    return _figure_image(fig)
+
+
+def _figure_image(fig) -> Image.Image:
+    """A matplotlib figure as an RGB picture (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -126,12 +133,7 @@ def score_histogram(
     ax.set_xlabel("image score (above the line threshold: FAIL)")
     ax.set_ylabel("test scans")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
+    return _figure_image(fig)
 
 
 def verdict_table(rows: list[tuple[float, float | None, float | None, str]]) -> dg.MetadataValue:

@@ -321,16 +321,7 @@ def evaluate_cmd(model_dir, root, json_out, maps_dir, overwrite, cache, device):
         "flagged": sum(s["verdict"] == "FAIL" for s in v.scans)
         if model.threshold is not None
         else None,
-        "false_reject_rate": v.false_reject_rate,
-        "escape_rate": v.escape_rate,
-        "oracle_escape_rate": v.oracle_escape_rate,
-        "confusion": {
-            "good": v.n_good,
-            "defective": v.n_defective,
-            "false_rejects": v.false_rejects,
-            "escapes": v.escapes,
-        },
-        "per_defect": v.per_defect,
+        **v.line_numbers(),
         "scans": v.scans,
     }
     click.echo(

@@ -466,20 +466,10 @@ class Evaluation:
     def to_dict(self) -> dict:
         """The metrics as stored with a model and in the registry (verdict rates at the
         model's threshold included; per-scan verdicts are in :attr:`verdicts`)."""
-        v = self.verdicts
         return {
             **self.report.to_dict(),
             "replacement_rate": self.replacement_rate,
-            "false_reject_rate": v.false_reject_rate,
-            "escape_rate": v.escape_rate,
-            "oracle_escape_rate": v.oracle_escape_rate,
-            "confusion": {
-                "good": v.n_good,
-                "defective": v.n_defective,
-                "false_rejects": v.false_rejects,
-                "escapes": v.escapes,
-            },
-            "per_defect": v.per_defect,
+            **self.verdicts.line_numbers(),
         }
 
 

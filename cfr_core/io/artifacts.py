@@ -264,8 +264,7 @@ def model_from_parts(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
         model.calibration = Calibration.from_dict(calibration)
         scoring = config.scoring
         if model.calibration.target != scoring.target_false_reject or (
-            not model.calibration.supported
-            and model.calibration.margin != scoring.threshold_margin
+            not model.calibration.supported and model.calibration.margin != scoring.threshold_margin
         ):
             raise ValueError(
                 "calibration target / margin differ from the config's target_false_reject / "

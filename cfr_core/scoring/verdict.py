@@ -262,6 +262,21 @@ class Verdicts:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def line_numbers(self) -> dict[str, Any]:
+        """The rates, confusion counts and per-defect counts (what metrics JSON stores)."""
+        return {
+            "false_reject_rate": self.false_reject_rate,
+            "escape_rate": self.escape_rate,
+            "oracle_escape_rate": self.oracle_escape_rate,
+            "confusion": {
+                "good": self.n_good,
+                "defective": self.n_defective,
+                "false_rejects": self.false_rejects,
+                "escapes": self.escapes,
+            },
+            "per_defect": self.per_defect,
+        }
+
     def summary(self) -> str:
         if self.threshold is None:
             return "verdicts: no threshold (the model was never calibrated)"
