@@ -186,8 +186,12 @@ def test_a_threshold_that_rejects_good_parts_is_not_deployed(home, monkeypatch):
     """A candidate whose threshold rejects more labelled good test scans than its
     calibration promises is stopped by line_false_reject, which names the scans."""
     home, _ = home
-    import cfr_core.engine.fit as fit_module
+    import importlib
+
     from cfr_core.scoring.verdict import calibrate_threshold
+
+    # the module, not the `fit` function cfr_core.engine re-exports under the same name
+    fit_module = importlib.import_module("cfr_core.engine.fit")
 
     def optimistic(scores, target, margin):
         # a calibration that believes good parts score a third of what they do
