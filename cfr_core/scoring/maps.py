@@ -56,10 +56,10 @@ def pixel_maps(maps: torch.Tensor) -> torch.Tensor:
 
 
 def decision_threshold(scores: list[float], margin: float) -> float:
-    """Pass/fail threshold from normal samples' image scores: max * (1 + margin).
+    """The highest finite score of normal samples * (1 + margin): the quality gate's rule.
 
-    A part scoring above the highest score any known-good part reached (plus a
-    margin for scan-to-scan variation) is flagged.
+    The line's pass/fail threshold is no longer this: it is set for a stated
+    false-reject rate by :func:`cfr_core.scoring.verdict.calibrate_threshold`.
     """
     finite = [s for s in scores if math.isfinite(s)]
     if not finite:
@@ -70,8 +70,8 @@ def decision_threshold(scores: list[float], margin: float) -> float:
 def gate_threshold(scores: list[float], margin: float) -> float:
     """The quality gate's threshold for new good scans: max * (1 + margin).
 
-    Separate from the line's :func:`decision_threshold`: a scan that enters the
-    shot library only has to look like the good parts, so the gate tolerates
+    Separate from the line's threshold (:mod:`cfr_core.scoring.verdict`): a scan that
+    enters the shot library only has to look like the good parts, so the gate tolerates
     more scan-to-scan variation than the line (the margin is chosen on the
     development categories: bench/results/gate.md).
     """
