@@ -173,18 +173,66 @@ def verify_lineage(stages: StageStore, category: str, model_folder: str | Path) 
 
 def store_of(model_path: str | Path) -> StageStore:
     """The stage store a pipeline model folder lives in (<base>/stages/<cat>/<stage>/<version>)."""
-    return StageStore(Path(model_path).parents[3])
+    parents = Path(model_path).parents
+    if len(parents) < 4:
+        raise CFRError(
+            f"{model_path}: not a pipeline model folder (<store>/stages/<category>/"
+            "evaluation_report/<version>); the registry row was edited or is not the pipeline's"
+        )
+    return StageStore(parents[3])
+
+
+def chain_check(registry: BankRegistry) -> Check:
+    """The registry's rows and deploy log against their hash chains: the first check of
+    every audit, made before any row is trusted."""
+    try:
+        problems = registry.verify()
+    except CFRError as exc:
+        problems = [str(exc)]
+    return "registry rows and deploy log match their hash chains", not problems, "; ".join(problems)
 
 
 def audit(record: DeploymentRecord, registry: BankRegistry | None = None) -> AuditReport:
+    """Every check of the module docstring; never raises on what it finds (an unreadable
+    file, an edited row, a path that is not a model folder each become a failed check)."""
     report = AuditReport(record.category, record.version)
     if registry is not None:
-        problems = registry.verify()
-        report.add(
-            "registry rows and deploy log match their hash chains",
-            not problems,
-            "; ".join(problems),
+        report.add(*chain_check(registry))
+    try:
+        _audit_files(record, report)
+    except (CFRError, OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+        report.add("deployment readable", False, f"{type(exc).__name__}: {exc}")
+    return report
+
+
+class AuditFailed(CFRError):
+    """A version that does not pass the audit was not deployed."""
+
+    def __init__(self, report: AuditReport, action: str):
+        self.report = report
+        lines = "; ".join(
+            f"{what}: {detail}" if detail else what for what, _, detail in report.failures
         )
+        super().__init__(
+            f"refusing to {action} {report.category} version {report.version}: the audit failed "
+            f"({lines}); the live deployment is unchanged. Run `cfr audit {report.category} "
+            f"--version {report.version}` for the full report"
+        )
+
+
+def audited_deploy(
+    registry: BankRegistry, category: str, version: int, action: str = "rollback", note: str = ""
+) -> tuple[DeploymentRecord, AuditReport]:
+    """Make ``version`` the live one only if its full audit (chains, lineage, files, row
+    against model) passes; otherwise raise :class:`AuditFailed` and change nothing."""
+    record = registry.get(category, version)
+    report = audit(record, registry)
+    if not report.ok:
+        raise AuditFailed(report, action)
+    return registry.activate(category, version, action, note), report
+
+
+def _audit_files(record: DeploymentRecord, report: AuditReport) -> None:
     try:
         digest = verify_model(record.model_path)
         report.add("model folder matches its manifest", True, record.model_path)
@@ -195,7 +243,7 @@ def audit(record: DeploymentRecord, registry: BankRegistry | None = None) -> Aud
         )
     except CFRError as exc:
         report.add("model folder matches its manifest", False, str(exc))
-        return report
+        return
     meta = json.loads((Path(record.model_path) / MODEL_JSON).read_text())
     for what, ok, detail in lineage_checks(
         store_of(record.model_path), record.category, record.model_path
@@ -233,9 +281,8 @@ def audit(record: DeploymentRecord, registry: BankRegistry | None = None) -> Aud
         record.artifact_hashes == derived,
         ""
         if record.artifact_hashes == derived
-        else f"registry lists {sorted(record.artifact_hashes)}",
+        else f"registry lists {sorted(record.artifact_hashes or {})}",
     )
-    return report
 
 
 def audit_all(registry: BankRegistry) -> list[AuditReport]:
@@ -243,4 +290,13 @@ def audit_all(registry: BankRegistry) -> list[AuditReport]:
     return [audit(rec, registry) for c in registry.categories() if (rec := registry.deployed(c))]
 
 
-__all__ = ["AuditReport", "audit", "audit_all", "lineage_checks", "verify_lineage"]
+__all__ = [
+    "AuditFailed",
+    "AuditReport",
+    "audit",
+    "audit_all",
+    "audited_deploy",
+    "chain_check",
+    "lineage_checks",
+    "verify_lineage",
+]

@@ -101,23 +101,19 @@ def registry_list(home: Path, registry_url: str | None, category: str | None, as
 def registry_rollback(category: str, version: int, home: Path, registry_url: str | None):
     """Point CATEGORY back at an earlier VERSION (one transaction, logged in the deploy log).
 
-    The version's model folder is re-hashed first: a folder that is missing or was
-    altered since it was registered is refused, and the live deployment stays.
+    The version must pass the full audit first (`cfr audit CATEGORY --version VERSION`:
+    the registry's hash chains, its model folder against the manifest and the row, every
+    stage of its lineage and every shot file). Anything that fails is refused, and the
+    live deployment stays.
     """
-    from cfr_core.io.artifacts import ArtifactError, load_model, verify_model
+    from cfr_core.audit import audited_deploy
 
     reg = _registry(home, registry_url)
-    target = reg.get(check_name(category), version)
-    digest = verify_model(target.model_path)  # manifest and file hashes
-    load_model(target.model_path, verify=False)  # fields
-    if digest != target.model_hash:
-        raise ArtifactError(
-            f"model folder differs from what version {version} registered",
-            target.model_path,
-            "run `cfr audit` to see what changed",
-        )
-    rec = reg.rollback(check_name(category), version)
-    click.echo(f"{category}: version {rec.version} is deployed ({rec.model_hash[:12]})")
+    rec, report = audited_deploy(reg, check_name(category), version, "rollback")
+    click.echo(
+        f"{category}: version {rec.version} is deployed ({rec.model_hash[:12]}; "
+        f"audit passed, {len(report.checks)} checks)"
+    )
 
 
 def _print_report(report) -> None:
@@ -148,19 +144,59 @@ def audit_cmd(
     extractors, config, threshold and metrics equal the model's. Exits 1 on any
     mismatch.
     """
-    from cfr_core.audit import audit, audit_all
+    from cfr_core.audit import AuditReport, audit, chain_check
 
     reg = _registry(home, registry_url)
     if every == bool(category):
         raise click.UsageError("give a CATEGORY or --all")
-    reports = audit_all(reg) if every else [audit(reg.get(check_name(category), version), reg)]
+    # the chains first: a row is not trusted (not even its `deployed` flag) before they hold
+    chain = chain_check(reg)
+    if not chain[1]:
+        click.secho(f"FAIL {chain[0]}  ({chain[2]})", fg="red")
+    if every:
+        records = [rec for c in reg.categories() if (rec := _deployed_or_none(reg, c))]
+    else:
+        records = [_version_or_none(reg, check_name(category), version)]
+    reports = []
+    for rec in records:
+        if rec is None:  # no deployed version, or an unknown one: say so, as a failed audit
+            report = AuditReport(category or "?", version or 0)
+            report.add(
+                "a version to audit",
+                False,
+                f"{category!r} has "
+                + (f"no version {version}" if version else "no deployed version"),
+            )
+            report.add(*chain)
+        else:
+            report = audit(rec, reg)
+        reports.append(report)
     if every and not reports:
-        problems = reg.verify()
-        click.echo("no deployments" + (f"; registry problems: {problems}" if problems else ""))
-        sys.exit(1 if problems else 0)
+        click.echo("no deployments")
+        sys.exit(0 if chain[1] else 1)
     for report in reports:
         _print_report(report)
-    sys.exit(0 if all(r.ok for r in reports) else 1)
+    sys.exit(0 if chain[1] and all(r.ok for r in reports) else 1)
+
+
+def _deployed_or_none(reg, category: str):
+    from cfr_core.registry import RegistryError
+
+    try:
+        return reg.deployed(category)
+    except RegistryError as exc:  # several rows flagged: the chain check says why
+        click.secho(f"FAIL {category}: {exc}", fg="red")
+        return None
+
+
+def _version_or_none(reg, category: str, version: int | None):
+    from cfr_core.registry import RegistryError
+
+    try:
+        return reg.get(category, version)
+    except RegistryError as exc:
+        click.secho(f"FAIL {exc}", fg="red")
+        return None
 
 
 @main.group()

@@ -395,11 +395,21 @@ class BankRegistry:
         event = DeployEvent(category=category, version=version, action=action, at=_now(), note=note)
         self._append(s, "events", event)
 
-    def rollback(self, category: str, version: int) -> DeploymentRecord:
-        """Make ``version`` the deployed one (one transaction, logged)."""
+    def activate(
+        self, category: str, version: int, action: str = "rollback", note: str = ""
+    ) -> DeploymentRecord:
+        """Make ``version`` the deployed one (one transaction, logged as ``action``).
+
+        This moves the flag only; the product's doors (`cfr registry rollback`, the
+        pipeline's deployment) go through :func:`cfr_core.audit.audited_deploy`, which
+        audits the version first."""
         self.get(category, version)
-        self._transaction(lambda s: self._deploy(s, category, version, "rollback", ""))
+        self._transaction(lambda s: self._deploy(s, category, version, action, note))
         return self.get(category, version)
+
+    def rollback(self, category: str, version: int) -> DeploymentRecord:
+        """:meth:`activate` logged as a rollback (unaudited: see :meth:`activate`)."""
+        return self.activate(category, version, "rollback")
 
     # ------------------------------------------------------------------ reads
 

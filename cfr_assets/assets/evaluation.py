@@ -23,7 +23,7 @@ from cfr_assets.handoff import upstream
 from cfr_assets.partitions import RELEASE, stage_asset
 from cfr_assets.pictures import captioned, gallery, png_markdown, score_histogram, verdict_table
 from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore
-from cfr_core.audit import audit, verify_lineage
+from cfr_core.audit import AuditFailed, audit, audited_deploy, verify_lineage
 from cfr_core.data.mvtec import index_category
 from cfr_core.data.prepare import prepare_sample
 from cfr_core.engine.features import FeatureCache
@@ -342,15 +342,20 @@ def deployed_bank(context: dg.AssetExecutionContext, store: CFRStore) -> dg.Mate
             threshold=meta["threshold"],
             code_version=meta["code_version"],
             run_id=context.run.run_id,
+            deploy=False,
         )
         status = "deployed"
+    if status == "deployed":
+        # live only once the full audit of the registered row passes
+        try:
+            record, report = audited_deploy(registry, category, record.version, "deploy")
+        except AuditFailed as exc:
+            raise dg.Failure(str(exc)) from exc
         context.log.info(f"deployed {category} version {record.version} ({model_hash[:12]})")
-    report = audit(record, registry)
-    if not report.ok:
-        raise dg.Failure(
-            f"the audit of {category} version {record.version} failed: "
-            + "; ".join(f"{what}: {detail}" for what, ok, detail in report.checks if not ok)
-        )
+    else:
+        report = audit(record, registry)
+        if not report.ok:
+            raise dg.Failure(str(AuditFailed(report, "confirm")))
     model = load_model(candidate.folder, verify=False)
     out = {
         "status": status,
