@@ -41,6 +41,7 @@ from cfr_core.engine.gate import LibraryGate
 from cfr_core.engine.model import FittedModel, ShotRecord
 from cfr_core.engine.normalize import FeatureNorm
 from cfr_core.errors import CFRError, DataError, finite_number
+from cfr_core.io.model_schema import ModelFieldError, check_method_tensors, check_model_fields
 from cfr_core.memory.bank import Banks
 from cfr_core.models.mappers import CrossModalMappers
 from cfr_core.models.retriever import AttentionRetriever
@@ -217,12 +218,21 @@ def load_model(folder: str | Path, verify: bool = True) -> FittedModel:
     meta = read_json(
         folder / MODEL_JSON, "model.json", ("category", "config", "extractor_ids", "dims")
     )
+    fix = "it was edited, or written by another version: restore the folder, or refit"
+    try:
+        check_model_fields(meta, FORMAT)
+    except ModelFieldError as exc:
+        raise ArtifactError(str(exc), folder / MODEL_JSON, fix) from exc
     try:
         tensors = load_file(str(folder / WEIGHTS))
     except (OSError, SafetensorError) as exc:
         raise ArtifactError(f"weights do not load ({exc})", folder / WEIGHTS) from exc
     try:
-        return model_from_parts(meta, tensors)
+        model = model_from_parts(meta, tensors)
+        check_method_tensors(model.config, tensors)
+        return model
+    except ModelFieldError as exc:
+        raise ArtifactError(str(exc), folder / MODEL_JSON, fix) from exc
     except (KeyError, TypeError, ValueError, RuntimeError, CFRError) as exc:
         raise ArtifactError(
             f"model.json does not match the weights ({type(exc).__name__}: {exc})",
