@@ -636,12 +636,171 @@ def test_rollback_refuses_a_model_folder_altered_since_registration(home):
     assert registry.verify() == []
 
 
+def _second_version(registry: BankRegistry, live) -> int:
+    """A second, honest version row of dome naming the live model folder (not deployed)."""
+    fields = {k: getattr(live, k) for k in ("model_path", "model_hash", "artifact_hashes")}
+    return registry.register(
+        category="dome",
+        shot_hashes=live.shot_hashes,
+        extractor_ids=live.extractor_ids,
+        method_config=live.method_config,
+        metrics=live.metrics,
+        threshold=live.threshold,
+        code_version=live.code_version,
+        run_id="second",
+        deploy=False,
+        **fields,
+    ).version
+
+
+def test_rollback_deploys_only_a_version_that_passes_the_full_audit(home, tmp_path):
+    registry = registry_of(home)
+    live = registry.deployed("dome")
+    second = _second_version(registry, live)
+    runner = CliRunner()
+
+    def rollback(version: int):
+        return runner.invoke(
+            main, ["registry", "rollback", "dome", str(version), "--home", str(home)]
+        )
+
+    row = f"category='dome' and version={second}"
+    # 1. a row edited in SQL to point elsewhere with a threshold nobody reaches
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    _sql(home, f"update cfr_deployments set threshold=1e9, model_path=? where {row}", str(forged))
+    result = rollback(second)
+    assert result.exit_code == 2, result.output
+    assert f"refusing to rollback dome version {second}" in result.output
+    assert "registry rows and deploy log match their hash chains" in result.output
+    assert "Traceback" not in result.output
+    assert registry.deployed("dome").version == live.version
+    _sql(
+        home,
+        f"update cfr_deployments set threshold=?, model_path=? where {row}",
+        live.threshold,
+        live.model_path,
+    )
+    assert registry.verify() == []
+    # 2. a stage file of the version's lineage altered (the row and folder intact)
+    version = load_model(live.model_path).lineage["attention_retriever"]
+    retriever = next(
+        (home / "artifacts" / "stages" / "dome" / "attention_retriever").glob(
+            f"{version[:16]}/retriever.safetensors"
+        )
+    )
+    original = retriever.read_bytes()
+    retriever.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    try:
+        result = rollback(second)
+        assert result.exit_code == 2 and "stage attention_retriever intact" in result.output
+        assert registry.deployed("dome").version == live.version
+    finally:
+        retriever.write_bytes(original)
+    # 3. intact: it deploys, and back
+    assert rollback(second).exit_code == 0 and registry.deployed("dome").version == second
+    assert rollback(live.version).exit_code == 0
+    assert registry.deployed("dome").version == live.version and registry.verify() == []
+
+
+def test_the_audit_checks_the_chain_first_and_never_tracebacks_on_edited_rows(home):
+    registry = registry_of(home)
+    live = registry.deployed("dome")
+    runner = CliRunner()
+    row = f"category='dome' and version={live.version}"
+    audit_cmd = ["audit", "dome", "--home", str(home)]
+    # a short model_path (once an IndexError)
+    _sql(home, f"update cfr_deployments set model_path='m' where {row}")
+    try:
+        out = runner.invoke(main, audit_cmd)
+        assert out.exit_code == 1 and "Traceback" not in out.output, out.output
+        assert "FAIL registry rows and deploy log match their hash chains" in out.output
+        report = audit(registry.deployed("dome"), registry)
+        assert not report.ok and all(isinstance(d, str) for _, _, d in report.checks)
+    finally:
+        _sql(home, f"update cfr_deployments set model_path=? where {row}", live.model_path)
+    # the deployed flag flipped off: `cfr audit dome` once stopped at "no deployed version"
+    _sql(home, f"update cfr_deployments set deployed=0 where {row}")
+    try:
+        out = runner.invoke(main, audit_cmd)
+        assert out.exit_code == 1 and "Traceback" not in out.output, out.output
+        assert "FAIL registry rows and deploy log match their hash chains" in out.output
+        assert "no deployed version" in out.output
+    finally:
+        _sql(home, f"update cfr_deployments set deployed=1 where {row}")
+    assert runner.invoke(main, audit_cmd).exit_code == 0
+
+
 def test_a_model_json_with_a_non_finite_threshold_does_not_load(home, tmp_path):
     model = load_model(registry_of(home).deployed("dome").model_path)
     model.threshold = float("nan")  # a manifest recomputed by whoever edited it
     save_model(model, tmp_path / "m")
     with pytest.raises(ArtifactError, match="threshold must be a finite number"):
         load_model(tmp_path / "m")
+
+
+def _edited_copy(model_path: str, out: Path, edit) -> Path:
+    """A copy of a model folder with model.json edited by ``edit(meta)`` and its manifest
+    recomputed to match (what a forger with write access does)."""
+    import shutil
+
+    from cfr_core.data.io import sha256_file
+    from cfr_core.io.artifacts import MANIFEST, MODEL_JSON, content_hash
+
+    shutil.copytree(model_path, out)
+    meta = json.loads((out / MODEL_JSON).read_text())
+    edit(meta)
+    (out / MODEL_JSON).write_text(json.dumps(meta))
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["files"] = {name: sha256_file(out / name) for name in manifest["files"]}
+    manifest["content_hash"] = content_hash(manifest["files"])
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return out
+
+
+def test_every_model_json_field_is_typed_and_ranged_and_unknown_ones_are_refused(
+    home, tmp_path, synth_root
+):
+    from safetensors.torch import load_file, save_file
+
+    live = registry_of(home).deployed("dome").model_path
+    edits = {
+        "theta NaN": (
+            lambda m: m.update(theta=float("nan")),
+            "field 'theta' must be a number in [0, 2]",
+        ),
+        "theta < 0": (lambda m: m.update(theta=-0.2), "field 'theta' must be a number in [0, 2]"),
+        "theta huge": (lambda m: m.update(theta=1e9), "field 'theta' must be a number in [0, 2]"),
+        "theta text": (lambda m: m.update(theta="0.3"), "field 'theta' must be a number or null"),
+        "threshold < 0": (
+            lambda m: m.update(threshold=-1.0),
+            "field 'threshold' must be a finite number >= 0",
+        ),
+        "unknown": (lambda m: m.update(accept_all=True), "field 'accept_all' is not a model.json"),
+        "dims": (lambda m: m.update(dims={"rgb": "x"}), "field 'dims' must be"),
+        "shots": (lambda m: m.update(shots=[{"key": 1}]), "field 'shots' entry 0 must hold"),
+        "category": (lambda m: m.update(category="../x"), "field 'category' must be a plain"),
+    }
+    sample = next(s for s in index_category(synth_root, "dome").split("test") if s.label == 0)
+    for name, (edit, message) in edits.items():
+        folder = _edited_copy(live, tmp_path / name.replace(" ", "-"), edit)
+        with pytest.raises(ArtifactError, match=re.escape(message)):
+            load_model(folder)
+        result = CliRunner().invoke(
+            main, ["score", "--model", str(folder), str(sample.rgb_path), str(sample.xyz_path)]
+        )
+        assert result.exit_code == 2 and message.split(" must")[0] in result.output, name
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    # a method whose tensors the weights lack: cfr-bank without its attention retriever
+    folder = _edited_copy(live, tmp_path / "no-retriever", lambda m: None)
+    weights = folder / "weights.safetensors"
+    save_file(
+        {k: v for k, v in load_file(weights).items() if not k.startswith("retriever.")},
+        str(weights),
+    )
+    folder = _edited_copy(folder, tmp_path / "no-retriever-sealed", lambda m: None)
+    with pytest.raises(ArtifactError, match="needs the attention retriever"):
+        load_model(folder)
 
 
 def test_output_paths_that_cannot_be_written_are_one_line_errors(tmp_path):

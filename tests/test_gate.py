@@ -732,6 +732,16 @@ def test_a_library_without_curvature_gets_no_shape_check_and_older_models_keep_t
     assert "no shape check" in gate_summary(model)
     save_model(model, tmp_path / "blind")
     assert SHAPE not in load_model(tmp_path / "blind").library_gate.checks
+    # a flat or thin part: curvature read only off the part (once saved as min_shape_read
+    # 0.0, a model that fit wrote and evaluate refused)
+    off_part = torch.full_like(lib.shape, float("nan"))
+    table = ~lib.foreground
+    off_part[:, 0][table] = 0.02 + 0.01 * torch.rand(int(table.sum()))
+    off_part[:, 1][table] = 0.01
+    gate = build_library_gate(replace(lib, shape=off_part), margin=0.1)
+    assert SHAPE not in gate.checks and gate.min_shape_read is None
+    save_model(replace(fitted, library_gate=gate), tmp_path / "off-part")
+    assert SHAPE not in load_model(tmp_path / "off-part").library_gate.checks
     with pytest.raises(ValueError, match="needs the library scans' shape"):
         build_library_gate(replace(lib, shape=None), margin=0.1)
     assert SHAPE not in build_library_gate(lib, margin=0.1, shape_margin=None).checks

@@ -797,8 +797,12 @@ def build_library_gate(
         # the check is then exactly the check of the kept scans (standardised on them)
         library = library.select(most_varied(pieces, max_scans))
         stats, pieces = _library_rows(library)
-    if shape_margin is not None and sum(len(_known(p[0][SHAPE])) > 0 for p in pieces) < 2:
-        shape_margin = shape_read = None  # no leave-one-out: the clouds show a curvature nowhere
+    if shape_margin is not None and (
+        not shape_read or sum(len(_known(p[0][SHAPE])) > 0 for p in pieces) < 2
+    ):
+        # no leave-one-out: the clouds show a curvature nowhere, or (a flat or thin part)
+        # only off the part, where no scan's share read could be compared with
+        shape_margin = shape_read = None
     checks = [
         c
         for c in CHECKS
