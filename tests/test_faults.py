@@ -357,6 +357,39 @@ def test_the_pixel_cap_is_configurable_and_read_from_the_tiff_header(synth_root,
         read_xyz(sample.xyz_path)
 
 
+def test_multi_page_and_planar_tiffs_are_refused_from_the_header(tmp_path, monkeypatch):
+    import tifffile
+
+    from cfr_core.data.io import read_xyz
+    from cfr_core.errors import DataError
+
+    def never_decode(*args, **kwargs):
+        raise AssertionError("decoded before the header was checked")
+
+    stack = tmp_path / "stack.tiff"  # 40 pages of 64×64: each page under the cap, not the file
+    tifffile.imwrite(stack, np.zeros((40, 64, 64, 3), np.float32), photometric="rgb")
+    planar = tmp_path / "planar.tiff"  # one page, channels stored as three planes
+    tifffile.imwrite(
+        planar, np.zeros((3, 64, 64), np.float32), photometric="rgb", planarconfig="separate"
+    )
+    big_planar = tmp_path / "big-planar.tiff"
+    tifffile.imwrite(
+        big_planar, np.zeros((3, 200, 200), np.float32), photometric="rgb", planarconfig="separate"
+    )
+    monkeypatch.setenv("CFR_MAX_PIXELS", "20000")
+    monkeypatch.setattr(tifffile.TiffFile, "asarray", never_decode)
+    with pytest.raises(DataError, match="stack.tiff: point cloud TIFF holds 40 pages"):
+        read_xyz(stack)
+    with pytest.raises(DataError, match=r"planar.tiff: point cloud TIFF holds 3×64×64 samples"):
+        read_xyz(planar)
+    with pytest.raises(DataError, match=r"announces 3×200×200 = 120,000 samples, above the limit"):
+        read_xyz(big_planar)
+    monkeypatch.undo()
+    ok = tmp_path / "ok.tiff"
+    tifffile.imwrite(ok, np.ones((64, 64, 3), np.float32), photometric="rgb")
+    assert read_xyz(ok).shape == (64, 64, 3)
+
+
 def test_malformed_json_is_one_line_naming_the_file(tmp_path, synth_root):
     library = ShotLibrary(tmp_path / "shots")
     scans, _ = scan_landing_pairs(synth_root, tmp_path / "landing")
@@ -445,7 +478,7 @@ def test_unused_files_are_counted_and_printed_never_dropped_silently(synth_copy,
     )
 
 
-def test_data_check_applies_the_minimum_size_that_fit_applies(tmp_path):
+def test_every_door_applies_the_minimum_size_that_fit_applies(tmp_path):
     for split in ("train", "test"):
         d = tmp_path / "tiny" / "cat" / split / "good"
         write_rgb(d / "rgb" / "000.png", np.full((8, 8, 3), 100, np.uint8))
@@ -468,6 +501,14 @@ def test_data_check_applies_the_minimum_size_that_fit_applies(tmp_path):
         ],
     )
     assert fit.exit_code == 2 and "scan is 8×8 pixels; at least 32×32 is needed" in fit.output
+    # the landing folder: refused before it can enter the library (and break every rebuild)
+    landing = tmp_path / "landing" / "cat"
+    write_rgb(landing / "small.png", np.full((8, 8, 3), 100, np.uint8))
+    write_xyz(landing / "small.tiff", np.full((8, 8, 3), 0.5, np.float32))
+    scans, problems = scan_landing(landing, "cat")
+    assert not scans and len(problems) == 1
+    assert "small.tiff" in str(problems[0].path)
+    assert "scan is 8×8 pixels; at least 32×32 is needed" in problems[0].reason
 
 
 def test_score_with_a_model_that_has_no_threshold(home, tmp_path, synth_root):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -217,6 +218,37 @@ def read_mask(path: str | Path) -> np.ndarray:
 MAX_COORDINATE = 1e4
 
 
+def _check_xyz_header(tif: tifffile.TiffFile, path: Path) -> None:
+    """Refuse, from the TIFF header alone, anything but one page of H×W×3 samples within
+    the pixel cap: a multi-page or planar file would otherwise decode every page (50 M
+    pixels from a 666 KB file) before its shape was seen."""
+    pages = len(tif.pages)
+    if pages != 1:
+        raise DataError(
+            f"point cloud TIFF holds {pages} pages; expected one page of H×W×3 coordinates",
+            path,
+            "export one organized point cloud per file",
+        )
+    shape = tuple(int(n) for n in (tif.series[0].shape if tif.series else ()))
+    layout = "×".join(map(str, shape)) or "no image"
+    if len(shape) == 3 and shape[2] == 3:
+        check_pixels(shape[1], shape[0], path, "point cloud")
+        return
+    # another layout: the cap counts every sample the file would decode
+    if shape and math.prod(shape) > 3 * max_pixels():
+        raise DataError(
+            f"point cloud TIFF announces {layout} = {math.prod(shape):,} samples, above the "
+            f"limit of {max_pixels():,} pixels × 3 coordinates (nothing was decoded)",
+            path,
+            "scans are far smaller; if this one is real, raise CFR_MAX_PIXELS",
+        )
+    raise DataError(
+        f"point cloud TIFF holds {layout} samples; expected H×W×3 (x, y, z interleaved per pixel)",
+        path,
+        "export the organized cloud as one float32 H×W×3 page (not planar, not a stack)",
+    )
+
+
 def read_xyz(path: str | Path) -> np.ndarray:
     """Read an organized point cloud TIFF as float32 H×W×3.
 
@@ -227,10 +259,8 @@ def read_xyz(path: str | Path) -> np.ndarray:
     _require_file(path, "point cloud")
     try:
         with tifffile.TiffFile(path) as tif:
-            shape = tif.series[0].shape if tif.series else ()
-            if len(shape) >= 2:  # from the header, before decoding
-                check_pixels(int(shape[1]), int(shape[0]), path, "point cloud")
-            arr = tif.asarray()
+            _check_xyz_header(tif, path)  # every dimension, before decoding anything
+            arr = tif.asarray(series=0)
     except DataError:
         raise
     except Exception as exc:  # tifffile raises many unrelated types on corrupt input

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from cfr_core.data.io import atomic_folder, read_rgb, read_xyz, sha256_file
 from cfr_core.data.mvtec import GOOD, Sample
-from cfr_core.data.validate import DEFAULT_MIN_VALID_FRACTION, ERROR, check_xyz_values
+from cfr_core.data.validate import DEFAULT_MIN_VALID_FRACTION, ERROR, check_scan_arrays
 from cfr_core.errors import DataError
 from cfr_core.paths import check_content_id, check_name, inside, is_safe_name, refuse_symlink
 
@@ -110,20 +110,13 @@ def scan_landing(
             continue
         errors = [
             p
-            for p in check_xyz_values(xyz, pair["xyz"], DEFAULT_MIN_VALID_FRACTION)
+            for p in check_scan_arrays(
+                rgb, xyz, pair["rgb"], pair["xyz"], DEFAULT_MIN_VALID_FRACTION
+            )
             if p.severity == ERROR
         ]
-        if errors:
-            problems.append(LandingProblem(pair["xyz"], errors[0].reason))
-            continue
-        if rgb.shape[:2] != xyz.shape[:2]:
-            problems.append(
-                LandingProblem(
-                    pair["xyz"],
-                    f"size {xyz.shape[1]}×{xyz.shape[0]} differs from "
-                    f"RGB {rgb.shape[1]}×{rgb.shape[0]}",
-                )
-            )
+        if errors:  # the same checks as fit, evaluate, score and `cfr data check`
+            problems.append(LandingProblem(errors[0].path, errors[0].reason))
             continue
         scans.append(
             LandingScan(

@@ -85,6 +85,33 @@ def check_xyz_values(xyz: np.ndarray, path: Path, min_valid_fraction: float) -> 
     return problems
 
 
+def check_scan_arrays(
+    rgb: np.ndarray | None,
+    xyz: np.ndarray,
+    rgb_path: Path,
+    xyz_path: Path,
+    min_valid_fraction: float,
+) -> list[Problem]:
+    """What every door (the landing folder, `cfr data check`; fit, evaluate, score and
+    serve through :func:`cfr_core.data.prepare.prepare_arrays`) asks of a decoded scan:
+    the cloud's values, the minimum size, and RGB and cloud of the same size."""
+    problems = check_xyz_values(xyz, xyz_path, min_valid_fraction)
+    try:
+        check_scan_size(*xyz.shape[:2], xyz_path)
+    except DataError as exc:
+        problems.append(Problem(xyz_path, ERROR, exc.reason))
+    if rgb is not None and rgb.shape[:2] != xyz.shape[:2]:
+        problems.append(
+            Problem(
+                xyz_path,
+                ERROR,
+                f"size {xyz.shape[1]}×{xyz.shape[0]} differs from RGB {rgb.shape[1]}×"
+                f"{rgb.shape[0]} ({rgb_path.name}); both must come from the same scan",
+            )
+        )
+    return problems
+
+
 def check_sample(
     sample: Sample, min_valid_fraction: float = DEFAULT_MIN_VALID_FRACTION
 ) -> tuple[list[Problem], SampleStats | None]:
@@ -93,20 +120,9 @@ def check_sample(
     rgb = _load(read_rgb, sample.rgb_path, problems)
     xyz = _load(read_xyz, sample.xyz_path, problems)
     mask = _load(read_mask, sample.gt_path, problems) if sample.gt_path is not None else None
-    if xyz is not None:
-        problems += check_xyz_values(xyz, sample.xyz_path, min_valid_fraction)
-        try:
-            check_scan_size(*xyz.shape[:2], sample.xyz_path)
-        except DataError as exc:
-            problems.append(Problem(sample.xyz_path, ERROR, exc.reason))
-    if rgb is not None and xyz is not None and rgb.shape[:2] != xyz.shape[:2]:
-        problems.append(
-            Problem(
-                sample.xyz_path,
-                ERROR,
-                f"size {xyz.shape[1]}×{xyz.shape[0]} differs from RGB {rgb.shape[1]}×{rgb.shape[0]} "
-                f"({sample.rgb_path.name}); both must come from the same scan",
-            )
+    if xyz is not None:  # rgb None: it did not load, and that problem is listed
+        problems += check_scan_arrays(
+            rgb, xyz, sample.rgb_path, sample.xyz_path, min_valid_fraction
         )
     if mask is not None and rgb is not None and mask.shape != rgb.shape[:2]:
         problems.append(
