@@ -201,3 +201,38 @@ def test_key_value_bank_keeps_pixel_pairs():
     for key, value in zip(banks.keys, banks.values, strict=True):
         pixel = int(torch.nonzero((rows_3d == key).all(1))[0])
         assert torch.equal(rows_rgb[pixel], value)
+
+
+def test_the_pruned_index_gives_the_full_search_answers():
+    from cfr_core.memory.bank import Banks
+    from cfr_core.memory.pruned import MIN_ROWS, CosineIndex
+    from cfr_core.memory.search import any_similar, max_cosine
+
+    g = torch.Generator().manual_seed(3)
+    # features on a few clusters, as a coreset bank of a part's pixels; queries near
+    # them (a good part), far from them (a defect), a zero row and a NaN row
+    centres = torch.randn(40, 96, generator=g)
+    bank = centres[torch.randint(0, 40, (MIN_ROWS + 1500,), generator=g)]
+    bank = bank + 0.2 * torch.randn(bank.shape, generator=g)
+    near = centres[torch.randint(0, 40, (700,), generator=g)] + 0.2 * torch.randn(700, 96, generator=g)
+    far = torch.randn(300, 96, generator=g) * 3
+    queries = torch.cat([near, far, torch.zeros(1, 96), torch.full((1, 96), float("nan"))])
+    index = CosineIndex(bank)
+    assert index.whole is None  # grouped, not the small-bank fallback
+    full, pruned = max_cosine(queries, bank), index.max_cosine(queries)
+    assert torch.isnan(pruned[-1]) and torch.isnan(full[-1])
+    assert torch.allclose(pruned[:-1], full[:-1], atol=1e-6, rtol=0)
+    for limit in (0.5, float(full[:-1].median()), 0.95):
+        assert torch.equal(index.any_similar(queries, limit), any_similar(queries, bank, limit))
+    assert index.max_cosine(queries[:0]).shape == (0,)
+    # narrow or small banks are searched whole, with the same answers
+    for small in (bank[:, :32], bank[:100]):
+        idx = CosineIndex(small)
+        assert idx.whole is not None
+        q = queries[:-1, : small.shape[1]]
+        assert torch.allclose(idx.max_cosine(q), max_cosine(q, small), atol=1e-6, rtol=0)
+    # a bank's index is kept while its tensor is the bank, and rebuilt when it is replaced
+    banks = Banks(rgb=bank, keys=bank[:, :32], values=bank)
+    assert banks.index("rgb") is banks.index("rgb")
+    banks.rgb = bank[: MIN_ROWS + 10].clone()
+    assert banks.index("rgb").size == MIN_ROWS + 10

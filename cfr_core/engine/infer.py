@@ -18,7 +18,7 @@ from cfr_core.engine.model import FittedModel
 from cfr_core.engine.timing import NO_TIMER, StageTimer
 from cfr_core.errors import ConfigError, ShapeMismatchError
 from cfr_core.memory.bank import joint_features
-from cfr_core.memory.search import any_similar, max_cosine, nearest_distance, topk_cosine
+from cfr_core.memory.search import max_cosine, nearest_distance, topk_cosine
 from cfr_core.scoring.maps import box_blur, discrepancy, image_scores
 
 
@@ -64,7 +64,8 @@ def replace_unreliable(
     banks = model.banks
     with timer("bank search"):
         # d = 1 - max cos >= theta  <=>  no bank row with cos > 1 - theta
-        unreliable = ~any_similar(p_rgb, banks.rgb, _above(1.0 - replacement_theta(model)))
+        # exact; the pruned index skips the bank rows that cannot reach the limit
+        unreliable = ~banks.index("rgb").any_similar(p_rgb, _above(1.0 - replacement_theta(model)))
         n = int(unreliable.sum())
     if n == 0:
         return p_rgb, 0
@@ -131,7 +132,10 @@ def pixel_values(
 def bank_novelty(model: FittedModel, f_rgb: torch.Tensor, f_3d: torch.Tensor) -> torch.Tensor:
     """(N,) novelty of observed features: (1 - max cos to the RGB bank) + (1 - max cos to the
     key bank). Near 0 for what the shots showed, larger for appearance or geometry never seen."""
-    return (1.0 - max_cosine(f_rgb, model.banks.rgb)) + (1.0 - max_cosine(f_3d, model.banks.keys))
+    banks = model.banks
+    return (1.0 - banks.index("rgb").max_cosine(f_rgb)) + (
+        1.0 - banks.index("keys").max_cosine(f_3d)
+    )
 
 
 def upsample_samples(coarse: torch.Tensor, stride: int, size: int) -> torch.Tensor:

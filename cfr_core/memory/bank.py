@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from cfr_core.config import BankConfig
 from cfr_core.errors import CFRError
 from cfr_core.memory.coreset import greedy_coreset
+from cfr_core.memory.pruned import CosineIndex
 
 
 class EmptyBankError(CFRError):
@@ -35,6 +36,16 @@ class Banks:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"bank.rgb": self.rgb, "bank.keys": self.keys, "bank.values": self.values}
+
+    def index(self, name: str) -> CosineIndex:
+        """The pruned max-cosine index of bank ``name`` ("rgb" or "keys"), built on first use
+        and kept while that tensor is the bank (a replaced tensor gets a new one)."""
+        bank = getattr(self, name)
+        cache = self.__dict__.setdefault("_indices", {})
+        key = (id(bank), bank.data_ptr(), tuple(bank.shape))
+        if name not in cache or cache[name][0] != key:
+            cache[name] = (key, CosineIndex(bank))
+        return cache[name][1]
 
 
 def _rows(fmap: torch.Tensor) -> torch.Tensor:
