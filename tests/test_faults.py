@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -1085,3 +1086,60 @@ def test_a_damaged_library_record_is_reported_by_the_ingest_that_still_takes_its
         meta = shot_library(context, data=data, settings=CFRModelSettings(), store=store).metadata
     assert meta["new_accepted"] == 3 and meta["accepted_scans"] == 4  # no deployed gate yet
     assert meta["vouched_scans"].startswith(f"unknown: {record}: admitted 'gate' with")
+
+
+def test_landing_names_that_differ_only_by_case_are_refused_not_shadowed(synth_root, tmp_path):
+    sample = index_category(synth_root, "dome").split("train")[0]
+    landing = tmp_path / "dome"
+    landing.mkdir()
+    for name in ("scan.png", "SCAN.PNG"):
+        shutil.copy(sample.rgb_path, landing / name)
+    shutil.copy(sample.xyz_path, landing / "scan.tiff")
+    shutil.copy(sample.rgb_path, landing / "other.png")
+    shutil.copy(sample.xyz_path, landing / "Other.TIF")  # one pair, cases differ: fine
+    scans, problems = scan_landing(landing, "dome")
+    assert [s.name for s in scans] == ["other"]
+    by_file = {p.path.name: p.reason for p in problems}
+    assert set(by_file) == {"scan.png", "SCAN.PNG", "scan.tiff"}
+    assert "names differ only by case or extension (SCAN.PNG, scan.png)" in by_file["scan.png"]
+    assert "its pair is ambiguous" in by_file["scan.tiff"]
+
+
+def test_a_float64_cloud_beyond_float32_is_refused_before_the_cast(tmp_path):
+    import tifffile
+
+    from cfr_core.data.io import read_xyz
+    from cfr_core.errors import DataError
+
+    cloud = np.full((40, 40, 3), 0.5, np.float64)
+    cloud[3, 4] = (0.1, 0.2, 1e300)  # inf once cast: it would have become a missing point
+    path = tmp_path / "f64.tiff"
+    tifffile.imwrite(path, cloud, photometric="rgb")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no raw numpy overflow warning either
+        with pytest.raises(DataError, match="coordinates reach 1e[+]300"):
+            read_xyz(path)
+    cloud[3, 4] = (0.1, 0.2, 0.55)
+    tifffile.imwrite(path, cloud, photometric="rgb")
+    assert read_xyz(path).dtype == np.float32
+
+
+def test_a_checkpoint_with_python_objects_is_one_line_with_the_right_fix(tmp_path):
+    import argparse
+
+    import torch
+
+    from cfr_core.errors import DataError
+    from cfr_core.features.efficientnet import load_lite
+    from cfr_core.features.point_mae import PointMAEEncoder, load_point_mae_checkpoint
+
+    path = tmp_path / "ckpt.pth"  # any object torch's safe loader will not rebuild
+    torch.save({"model": argparse.Namespace(weights=1)}, path)
+    with pytest.raises(DataError) as lite:
+        load_lite("lite0", checkpoint=path)
+    with pytest.raises(DataError) as mae:
+        load_point_mae_checkpoint(PointMAEEncoder(), path)
+    for exc in (lite.value, mae.value):
+        text = str(exc)
+        assert "holds Python objects besides tensors and was not loaded" in text
+        assert "\n" not in text and "weights_only" not in text

@@ -214,7 +214,9 @@ def test_the_pruned_index_gives_the_full_search_answers():
     centres = torch.randn(40, 96, generator=g)
     bank = centres[torch.randint(0, 40, (MIN_ROWS + 1500,), generator=g)]
     bank = bank + 0.2 * torch.randn(bank.shape, generator=g)
-    near = centres[torch.randint(0, 40, (700,), generator=g)] + 0.2 * torch.randn(700, 96, generator=g)
+    near = centres[torch.randint(0, 40, (700,), generator=g)] + 0.2 * torch.randn(
+        700, 96, generator=g
+    )
     far = torch.randn(300, 96, generator=g) * 3
     queries = torch.cat([near, far, torch.zeros(1, 96), torch.full((1, 96), float("nan"))])
     index = CosineIndex(bank)

@@ -274,8 +274,10 @@ def read_xyz(path: str | Path) -> np.ndarray:
         raise DataError(f"point cloud has shape {arr.shape}; expected H×W×3", path)
     if not np.issubdtype(arr.dtype, np.floating):
         raise DataError(f"point cloud has dtype {arr.dtype}; expected float32 metres", path)
-    arr = arr.astype(np.float32, copy=False)
-    reach = float(np.abs(arr[np.isfinite(arr)]).max(initial=0.0))
+    # the reach is read before the cast: a float64 coordinate beyond float32's range
+    # would become inf there, i.e. a silently missing point
+    with np.errstate(over="ignore", invalid="ignore"):
+        reach = float(np.abs(arr[np.isfinite(arr)]).max(initial=0.0))
     if reach > MAX_COORDINATE:
         raise DataError(
             f"point cloud coordinates reach {reach:.3g}; expected metres, a part within "
@@ -283,7 +285,7 @@ def read_xyz(path: str | Path) -> np.ndarray:
             path,
             "convert the scanner's export to metres (float32 H×W×3)",
         )
-    return arr
+    return arr.astype(np.float32, copy=False)
 
 
 def write_rgb(path: str | Path, rgb: np.ndarray) -> None:

