@@ -6,6 +6,7 @@ category would load every category's artifact.
 """
 
 import math
+import warnings
 
 import dagster as dg
 import torch
@@ -16,6 +17,12 @@ from cfr_assets.resources import CFRModelSettings, CFRStore
 from cfr_core.io.artifacts import load_model
 from cfr_core.io.stages import REPORT_JSON
 from cfr_core.memory.bank import coreset_size
+
+# partitioned checks are a Dagster preview feature, on purpose (one check result per
+# category); its warning would be the first line of every `cfr` command's output
+warnings.filterwarnings(
+    "ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=Warning
+)
 
 
 def _candidate(context, store: CFRStore):

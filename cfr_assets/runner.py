@@ -17,6 +17,7 @@ import dagster as dg
 from cfr_assets.definitions import build_definitions
 from cfr_assets.launcher import HOST_TAG, PID_TAG
 from cfr_assets.partitions import CATEGORY_TAG, category_partitions
+from cfr_core.errors import CFRError
 from cfr_core.paths import check_name
 
 
@@ -65,6 +66,35 @@ def _failure(result: dg.ExecuteInProcessResult) -> str:
                     error = error.cause
                 return error.message.strip()
     return "the run failed (see the run's logs in the UI)"
+
+
+def known_categories(instance: dg.DagsterInstance, resources: dict) -> set[str]:
+    """The categories a run may name: partitions already made, folders of the landing
+    root, categories with library scans, and categories of the labelled dataset."""
+    known = set(instance.get_dynamic_partitions(category_partitions.name))
+    data, store = resources["data"], resources["store"]
+    roots = [data.landing_dir(), data.dataset()]
+    for root in (*roots, store.library().root / "library"):
+        if root is not None and root.is_dir():
+            known |= {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    return known
+
+
+def check_known(category: str, instance: dg.DagsterInstance, resources: dict) -> None:
+    """A misspelt category is refused in one line; it never becomes a partition."""
+    known = known_categories(instance, resources)
+    if category in known:
+        return
+    from difflib import get_close_matches
+
+    near = get_close_matches(category, sorted(known), n=1)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    raise CFRError(
+        f"unknown category {category!r}: {hint}no partition, landing folder, library scans "
+        f"or dataset category has that name (known: {', '.join(sorted(known)) or 'none'}); "
+        f"to start a new one, create {resources['data'].landing_dir() / category} and drop its "
+        "good scans there"
+    )
 
 
 def run_category(

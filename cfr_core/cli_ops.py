@@ -246,19 +246,44 @@ def shots_quarantine(home: Path, store: Path | None, category: str | None):
 @shots.command("release")
 @click.argument("category")
 @click.argument("content_id")
+@click.option(
+    "--yes", is_flag=True, help="Release it: without this, only say what the release loosens."
+)
 @HOME_OPTION
 @STORE_OPTION
 @_fail_cleanly
-def shots_release(category: str, content_id: str, home: Path, store: Path | None):
+def shots_release(category: str, content_id: str, yes: bool, home: Path, store: Path | None):
     """A person confirmed the quarantined scan CONTENT_ID is good: add it to the library.
 
     A released scan is one a person vouched for: besides joining the shot pool, it
     calibrates the next gate, which so learns the spread of the good parts (scans the
-    gate passed on its own do not). The shot library changes, so the rebuild sensor
-    starts a rebuild of CATEGORY on its next tick (with `dagster dev` or the daemon
-    running); without them, run `cfr pipeline run CATEGORY`.
+    gate passed on its own do not). The next gate's limits then rise to admit scans
+    like it: without --yes the command says which checks it failed and by how much,
+    and releases nothing. The shot library changes, so the rebuild sensor starts a
+    rebuild of CATEGORY on its next tick (with `dagster dev` or the daemon running);
+    without them, run `cfr pipeline run CATEGORY`.
     """
-    dst = _library(home, store).release(check_name(category), check_content_id(content_id))
+    library = _library(home, store)
+    category, content_id = check_name(category), check_content_id(content_id)
+    if not yes:
+        if not library.quarantined(category, content_id):
+            library.release(category, content_id)  # raises: no such quarantined scan
+        info = library.info(category, content_id, quarantine=True)
+        score, limit = info.get("score"), info.get("threshold")
+        click.echo(f"{category} {content_id} ({info.get('name', '')}) was quarantined: ")
+        click.echo(f"  {info.get('reason', 'no reason recorded')}")
+        if isinstance(score, int | float) and isinstance(limit, int | float) and limit > 0:
+            click.echo(
+                f"  its model score {score:.4g} against the gate's limit {limit:.4g} "
+                f"({score / limit:.2f}x)"
+            )
+        click.echo(
+            "Releasing it vouches for it: the next gate is calibrated with it, and every limit "
+            "it exceeded rises to at least its value (scans like it then pass unseen).\n"
+            f"If it is good, run again with --yes: cfr shots release {category} {content_id} --yes"
+        )
+        sys.exit(1)
+    dst = library.release(category, content_id)
     click.echo(
         f"released into the library: {dst} (the next gate is calibrated with it)\n"
         f"the rebuild sensor starts a rebuild of {category} on its next tick; "
@@ -320,18 +345,24 @@ def pipeline_run(
     os.environ["DAGSTER_HOME"] = str(home)
     os.environ["CFR_LOCK_WAIT"] = str(wait)
     from cfr_assets.definitions import default_resources
-    from cfr_assets.runner import run_category
+    from cfr_assets.runner import check_known, run_category
 
     overrides = {
         k: v
         for k, v in {"epochs": epochs, "shots": shots, "grid": grid, "tolerance": tolerance}.items()
         if v is not None
     }
+    resources = default_resources(**overrides)
     with dg.DagsterInstance.get() as instance:
+        check_known(category, instance, resources)
+        # a held lock is one line here, not a failed run and its traceback in the log
+        holder = f"cfr pipeline run {category} (pid {os.getpid()}, waiting to start)"
+        with resources["store"].registry().category_lock(category, holder, wait):
+            pass
         outcome = run_category(
             category,
             instance,
-            default_resources(**overrides),
+            resources,
             job="cfr_ingest_job" if ingest_only else "cfr_category_job",
         )
     click.echo(f"run {outcome.run_id}: {category} {outcome.message}")

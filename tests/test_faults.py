@@ -84,8 +84,25 @@ def test_a_held_category_lock_refuses_a_second_run_with_a_clear_message(home):
     with registry_of(home).category_lock("dome", "maintenance by the test"):
         proc = pipeline(home, "--epochs", "2", "--wait", "0")
         out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 1, out
+    assert proc.returncode == 2, out
     assert "is being rebuilt by maintenance by the test" in out
+    assert len(out.strip().splitlines()) == 1 and "Traceback" not in out, out
+
+
+def test_a_misspelt_category_is_one_line_and_never_a_partition(home):
+    proc = subprocess.run(
+        [CFR, "pipeline", "run", "domee", "--home", str(home), *TINY],
+        env=env(home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "unknown category 'domee': did you mean 'dome'?" in out
+    assert len(out.strip().splitlines()) == 1 and "Traceback" not in out, out
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert "domee" not in instance.get_dynamic_partitions("category")
 
 
 def test_concurrent_runs_of_one_category_never_mix_their_lineage(home):

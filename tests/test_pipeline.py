@@ -393,9 +393,12 @@ def test_gate_quarantines_without_a_rebuild_and_release_requests_one(home):
             runner = CliRunner()
             listed = runner.invoke(main, ["shots", "quarantine", "--home", str(home)])
             assert q[0]["content_id"] in listed.output and "odd" in listed.output
-            rel = runner.invoke(
-                main, ["shots", "release", "dome", q[0]["content_id"], "--home", str(home)]
-            )
+            release = ["shots", "release", "dome", q[0]["content_id"], "--home", str(home)]
+            asked = runner.invoke(main, release)  # first it says what the release loosens
+            assert asked.exit_code == 1 and "colour novelty" in asked.output, asked.output
+            assert "every limit it exceeded rises" in asked.output and "--yes" in asked.output
+            assert not res["store"].library().contains("dome", q[0]["content_id"])
+            rel = runner.invoke(main, [*release, "--yes"])
             assert rel.exit_code == 0 and "rebuild" in rel.output
             assert res["store"].library().contains("dome", q[0]["content_id"])
             wanted = tick(library_sensor, instance, sensor_res)

@@ -87,7 +87,7 @@ def shot_library(
                     reason = (
                         f"{' and '.join(decision.failed())} above the gate of deployed version "
                         f"{gate[2]} ({checks}); a person may release it with "
-                        f"`cfr shots release {category} {scan.content_id}`"
+                        f"`cfr shots release {category} {scan.content_id} --yes`"
                     )
                     picture, what = gate_heatmap(decision, result)
                     with tempfile.TemporaryDirectory() as tmp:
