@@ -7,8 +7,11 @@ results it produces are what `dagster dev` then shows (under the job's name).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +59,42 @@ def fill_landing(data_root: Path, landing: Path, categories: list[str]) -> None:
             shutil.copyfile(s.xyz_path, target / f"{cat}_{s.stem}.tiff")
 
 
+class DemoInterrupted(Exception):
+    """The operator pressed Ctrl-C: the demo stopped; ``rows`` are the categories it finished."""
+
+    def __init__(self, rows: list[DemoRow], during: str):
+        self.rows, self.during = rows, during
+        super().__init__(f"interrupted during {during}")
+
+
+@dataclass
+class _Stop:
+    """Whether Ctrl-C was pressed, and what the demo was doing."""
+
+    requested: bool = False
+    during: str = "setting up"
+
+
+@contextlib.contextmanager
+def _first_interrupt_stops(stop: _Stop):
+    """Ctrl-C sets ``stop.requested`` (and interrupts what runs now, as usual). Dagster turns the
+    interrupt inside a step into a failed run and carries on: the flag is what makes the
+    demo stop after it instead of starting the next category."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_interrupt(signum, frame):
+        stop.requested = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_demo(
     home: Path,
     size: int = 256,
@@ -66,24 +105,36 @@ def run_demo(
     grid: int = 224,
     log=print,
 ) -> list[DemoRow]:
+    stop, rows = _Stop(), []
+    try:
+        with _first_interrupt_stops(stop):
+            return _run_demo(home, size, seed, categories, shots, epochs, grid, log, stop, rows)
+    except KeyboardInterrupt:
+        raise DemoInterrupted(rows, stop.during) from None
+
+
+def _run_demo(home, size, seed, categories, shots, epochs, grid, log, stop, rows):
     home = home.resolve()
     prepare_home(home)
     os.environ["DAGSTER_HOME"] = str(home)
     synth = SynthConfig(size=size, seed=seed, **({"categories": categories} if categories else {}))
     data_root = home / "demo" / "data"
     log(f"generating synthetic data ({', '.join(synth.categories)}) in {data_root}")
+    stop.during = "generating the demo data"
     generate(data_root, synth, overwrite=True)
     landing = home / "landing"
     fill_landing(data_root, landing, list(synth.categories))
     log(f"dropped the train/good scans into {landing}/<category>/")
     resources = default_resources(shots=shots, epochs=epochs, grid=grid)
     resources["data"] = CFRData(landing=str(landing), dataset_root=str(data_root))
-    rows = []
     with dg.DagsterInstance.get() as instance:
         registry = resources["store"].registry()
         for cat in synth.categories:
             log(f"running cfr_category_job for {cat} ...")
+            stop.during = f"the run of {cat}"
             outcome = run_category(cat, instance, resources)
+            if stop.requested or outcome.interrupted:  # stop here, and say what is live
+                raise KeyboardInterrupt
             if not outcome.success:
                 log(f"{cat}: {outcome.message}")
             record = registry.deployed(cat)

@@ -29,6 +29,23 @@ class RunOutcome:
     status: str  # deployed, unchanged, ingested or failed
     version: int | None
     message: str
+    interrupted: bool = False  # Ctrl-C (SIGINT) stopped the run
+
+
+#: what Dagster raises in a step when the process is interrupted (it installs its own
+#: SIGINT handler while a run executes in process)
+INTERRUPTED = "DagsterExecutionInterruptedError"
+
+
+def _interrupted(result: dg.ExecuteInProcessResult) -> bool:
+    for event in result.all_events:
+        if event.event_type == dg.DagsterEventType.STEP_FAILURE:
+            err = event.step_failure_data.error
+            while err is not None:
+                if err.cls_name == INTERRUPTED:
+                    return True
+                err = err.cause
+    return False
 
 
 def _failure(result: dg.ExecuteInProcessResult) -> str:
@@ -124,7 +141,15 @@ def run_category(
         )
     )
     if not result.success:
-        return RunOutcome(category, result.run_id, False, "failed", None, _failure(result))
+        return RunOutcome(
+            category,
+            result.run_id,
+            False,
+            "interrupted" if _interrupted(result) else "failed",
+            None,
+            _failure(result),
+            interrupted=_interrupted(result),
+        )
     for mat in result.get_asset_materialization_events():
         m = mat.step_materialization_data.materialization
         if m.asset_key == dg.AssetKey("deployed_bank"):

@@ -269,6 +269,38 @@ def data_preview(root: Path, out: Path, categories: tuple[str, ...]):
     click.echo(f"contact sheet: {out}")
 
 
+def _demo_table(rows) -> None:
+    click.echo(
+        f"\n{'category':<10}{'run':>11}{'version':>9}{'I-AUROC':>9}{'AUPRO@30%':>11}"
+        f"{'threshold':>11}{'rejects':>9}{'escapes':>9}{'oracle':>8}  audit"
+    )
+    for r in rows:
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+        click.echo(
+            f"{r.category:<10}{r.status:>11}{r.version or '-':>9}{fmt(r.image_auroc):>9}"
+            f"{fmt(r.aupro_30):>11}{fmt(r.threshold):>11}{pct(r.false_reject_rate):>9}"
+            f"{pct(r.escape_rate):>9}{pct(r.oracle_escape_rate):>8}  "
+            f"{'ok' if r.audit_ok else 'FAILED'}"
+        )
+    click.echo(
+        "rejects: good test parts failed at the threshold; escapes: defective test parts "
+        "passed; oracle: escapes of the best threshold with no more rejects (on the same scans)"
+    )
+
+
+def _live_deployments(home: Path) -> str:
+    """'dome v2, candy v1': what the registry in ``home`` deploys now."""
+    from cfr_core.registry import BankRegistry
+
+    db = home / "registry.db"
+    if not db.is_file():
+        return ""
+    registry = BankRegistry(f"sqlite:///{db}")
+    live = (registry.deployed(c) for c in registry.categories())
+    return ", ".join(f"{r.category} v{r.version}" for r in live if r)
+
+
 @main.command("demo")
 @click.option(
     "--home",
@@ -294,29 +326,24 @@ def demo(
     blocking checks) against the Dagster instance in HOME, deploys, audits, and
     prints the per-category table. Then `make ui` shows the same state.
     """
-    from cfr_assets.demo import run_demo
+    from cfr_assets.demo import DemoInterrupted, run_demo
 
     cats = tuple(c.strip() for c in categories.split(",")) if categories else None
-    rows = run_demo(
-        home, size, seed, cats, shots, epochs, grid, log=lambda m: click.echo(m, err=True)
-    )
-    click.echo(
-        f"\n{'category':<10}{'run':>11}{'version':>9}{'I-AUROC':>9}{'AUPRO@30%':>11}"
-        f"{'threshold':>11}{'rejects':>9}{'escapes':>9}{'oracle':>8}  audit"
-    )
-    for r in rows:
-        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
-        click.echo(
-            f"{r.category:<10}{r.status:>11}{r.version or '-':>9}{fmt(r.image_auroc):>9}"
-            f"{fmt(r.aupro_30):>11}{fmt(r.threshold):>11}{pct(r.false_reject_rate):>9}"
-            f"{pct(r.escape_rate):>9}{pct(r.oracle_escape_rate):>8}  "
-            f"{'ok' if r.audit_ok else 'FAILED'}"
+    try:
+        rows = run_demo(
+            home, size, seed, cats, shots, epochs, grid, log=lambda m: click.echo(m, err=True)
         )
-    click.echo(
-        "rejects: good test parts failed at the threshold; escapes: defective test parts "
-        "passed; oracle: escapes of the best threshold with no more rejects (on the same scans)"
-    )
+    except DemoInterrupted as stopped:
+        _demo_table(stopped.rows)
+        live = _live_deployments(home)
+        click.secho(
+            f"\ninterrupted during {stopped.during}: stopped (a run cut short deploys nothing; "
+            f"the previous deployment stays live). Deployed now: {live or 'nothing'}",
+            fg="yellow",
+            bold=True,
+        )
+        sys.exit(130)
+    _demo_table(rows)
     click.echo(
         f"\nartifacts: {home / 'artifacts'}\nregistry:  {home / 'registry.db'}  (cfr registry list)"
     )

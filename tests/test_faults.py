@@ -1160,3 +1160,33 @@ def test_a_checkpoint_with_python_objects_is_one_line_with_the_right_fix(tmp_pat
         text = str(exc)
         assert "holds Python objects besides tensors and was not loaded" in text
         assert "\n" not in text and "weights_only" not in text
+
+
+def test_the_first_ctrl_c_stops_the_demo_and_says_what_is_deployed(tmp_path):
+    home = tmp_path / "home"
+    cmd = [CFR, "demo", "--home", str(home), "--size", "96", "--shots", "2", "--epochs", "2"]
+    proc = subprocess.Popen(
+        [*cmd, "--grid", "32", "--categories", "dome,candy,speckled"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "running cfr_category_job for candy" in line:
+                time.sleep(4)  # inside candy's run
+                proc.send_signal(signal.SIGINT)  # once
+                break
+        lines += proc.stdout.readlines()
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "".join(lines)
+    assert proc.returncode == 130, out
+    assert "interrupted during the run of candy" in out and "Deployed now: dome v1" in out
+    assert "running cfr_category_job for speckled" not in out
+    assert "Traceback" not in out
