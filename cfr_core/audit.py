@@ -285,6 +285,72 @@ def _audit_files(record: DeploymentRecord, report: AuditReport) -> None:
     )
 
 
+#: recomputed features may differ from the stored ones by float noise only (threads,
+#: kernels): at most this share of the stored features' largest magnitude
+RECOMPUTE_TOLERANCE = 1e-4
+
+
+def recompute_checks(record: DeploymentRecord) -> list[Check]:
+    """Re-extract the shots' features from the recorded shot files, with the recorded
+    configuration and extractors and no cache, and compare them with the shot_features
+    stage the deployment was fitted on: a poisoned cache entry (or a rewritten stage whose
+    hashes were all recomputed) shows as features that differ from a clean recomputation.
+    The stages downstream of the features are re-hashed by :func:`audit`, not re-fitted."""
+    from safetensors.torch import load_file
+
+    from cfr_core.config import FitConfig
+    from cfr_core.data.mvtec import GOOD, Sample
+    from cfr_core.engine.features import build_extractors, extract_features
+
+    try:
+        meta = read_json(Path(record.model_path) / MODEL_JSON, "model.json")
+        lineage = meta.get("lineage") or {}
+        stages = store_of(record.model_path)
+        shots = stages.open(record.category, "normal_shots", lineage["normal_shots"])
+        feats = stages.open(record.category, "shot_features", lineage["shot_features"])
+        config = FitConfig.from_dict(meta["config"])
+        manifest = shots.json("shots.json")
+        samples = [
+            Sample(
+                record.category, "train", GOOD, s["stem"], Path(s["rgb_path"]), Path(s["xyz_path"])
+            )
+            for s in manifest["shots"]
+        ]
+        stored = load_file(str(feats.file("features.safetensors")))
+        extractors = build_extractors(config.extractors)
+    except (CFRError, OSError, KeyError, TypeError, ValueError) as exc:
+        return [
+            ("features recomputed from the recorded shots", False, f"{type(exc).__name__}: {exc}")
+        ]
+    checks: list[Check] = []
+    ids = {"rgb": extractors[0].lineage_id, "points": extractors[1].lineage_id}
+    checks.append(
+        (
+            "extractors rebuilt = the recorded ones",
+            ids == meta.get("extractor_ids"),
+            "" if ids == meta.get("extractor_ids") else f"rebuilt {ids}",
+        )
+    )
+    fresh = extract_features(samples, extractors, config.preprocess, cache=None)
+    for name, new in (("rgb", fresh.rgb), ("points", fresh.points)):
+        old = stored.get(name)
+        if old is None or old.shape != new.shape:
+            shape = None if old is None else tuple(old.shape)
+            checks.append((f"{name} features = a clean recomputation", False, f"stored {shape}"))
+            continue
+        scale = float(old.abs().max()) or 1.0
+        worst = float((old.float() - new.float()).abs().max()) / scale
+        checks.append(
+            (
+                f"{name} features = a clean recomputation",
+                worst <= RECOMPUTE_TOLERANCE,
+                f"largest difference {worst:.2e} of the features' scale "
+                f"(tolerance {RECOMPUTE_TOLERANCE:g})",
+            )
+        )
+    return checks
+
+
 def audit_all(registry: BankRegistry) -> list[AuditReport]:
     """The deployed version of every category (the registry's chains are checked in each)."""
     return [audit(rec, registry) for c in registry.categories() if (rec := registry.deployed(c))]
@@ -298,5 +364,6 @@ __all__ = [
     "audited_deploy",
     "chain_check",
     "lineage_checks",
+    "recompute_checks",
     "verify_lineage",
 ]

@@ -130,11 +130,22 @@ def _print_report(report) -> None:
 @click.argument("category", required=False)
 @click.option("--version", type=int, help="Default: the deployed version.")
 @click.option("--all", "every", is_flag=True, help="Audit the deployed version of every category.")
+@click.option(
+    "--recompute",
+    is_flag=True,
+    help="Also re-extract the shots' features from the recorded shot files (no cache) and "
+    "compare them with the features the model was fitted on (about a second per shot).",
+)
 @HOME_OPTION
 @URL_OPTION
 @_fail_cleanly
 def audit_cmd(
-    category: str | None, version: int | None, every: bool, home: Path, registry_url: str | None
+    category: str | None,
+    version: int | None,
+    every: bool,
+    recompute: bool,
+    home: Path,
+    registry_url: str | None,
 ):
     """Derive everything a deployment depends on, re-hash it, and compare.
 
@@ -144,7 +155,7 @@ def audit_cmd(
     extractors, config, threshold and metrics equal the model's. Exits 1 on any
     mismatch.
     """
-    from cfr_core.audit import AuditReport, audit, chain_check
+    from cfr_core.audit import AuditReport, audit, chain_check, recompute_checks
 
     reg = _registry(home, registry_url)
     if every == bool(category):
@@ -170,6 +181,10 @@ def audit_cmd(
             report.add(*chain)
         else:
             report = audit(rec, reg)
+            if recompute:
+                click.echo(f"recomputing {rec.category} version {rec.version}'s features ...")
+                for check in recompute_checks(rec):
+                    report.add(*check)
         reports.append(report)
     if every and not reports:
         click.echo("no deployments")

@@ -1190,3 +1190,62 @@ def test_the_first_ctrl_c_stops_the_demo_and_says_what_is_deployed(tmp_path):
     assert "interrupted during the run of candy" in out and "Deployed now: dome v1" in out
     assert "running cfr_category_job for speckled" not in out
     assert "Traceback" not in out
+
+
+def test_a_feature_cache_entry_is_checked_on_read(tmp_path):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from cfr_core.engine import FeatureCache
+
+    cache = FeatureCache(tmp_path)
+    features = torch.randn(8, 4, 4)
+    cache.put("k" * 64, features)
+    assert torch.equal(cache.get("k" * 64), features)
+    path = cache.path("k" * 64)
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    save_file({"features": features * 1.3}, str(path), metadata=metadata)  # edited in place
+    assert cache.get("k" * 64) is None
+    save_file({"features": features}, str(path))  # no record of what was written
+    assert cache.get("k" * 64) is None
+    cache.put("k" * 64, features)
+    cache.path("j" * 64).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, cache.path("j" * 64))  # a valid entry moved under another key
+    assert cache.get("j" * 64) is None and torch.equal(cache.get("k" * 64), features)
+
+
+def test_audit_recompute_proves_a_deployment_against_a_clean_recomputation(home):
+    from cfr_core.engine import FeatureCache
+
+    registry = registry_of(home)
+    live = registry.deployed("dome")
+    runner = CliRunner()
+    recompute = ["audit", "dome", "--recompute", "--home", str(home)]
+    clean = runner.invoke(main, recompute)
+    assert clean.exit_code == 0, clean.output
+    assert "ok   rgb features = a clean recomputation" in clean.output
+    # a forger who knows the cache's scheme: every entry scaled and re-sealed
+    cache = FeatureCache(home / "artifacts" / "feature-cache")
+    entries = list(cache.root.rglob("*.safetensors"))
+    assert entries
+    for path in entries:
+        key = path.stem
+        cache.put(key, cache.get(key) * 1.3)
+    try:
+        proc = pipeline(home, "--epochs", "2", "--tolerance", "1")
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+        forged = registry.deployed("dome")
+        assert forged.version != live.version
+        assert runner.invoke(main, ["audit", "dome", "--home", str(home)]).exit_code == 0
+        caught = runner.invoke(main, recompute)
+        assert caught.exit_code == 1, caught.output
+        assert "FAIL rgb features = a clean recomputation" in caught.output
+    finally:
+        for path in entries:
+            path.unlink(missing_ok=True)
+        back = ["registry", "rollback", "dome", str(live.version), "--home", str(home)]
+        assert runner.invoke(main, back).exit_code == 0
+    assert runner.invoke(main, recompute).exit_code == 0

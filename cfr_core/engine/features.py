@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from cfr_core.config import ExtractorConfig
 from cfr_core.data.io import atomic_path, sha256_file
@@ -107,19 +108,41 @@ class FeatureCache:
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
+    @staticmethod
+    def digest(key: str, features: torch.Tensor) -> str:
+        """sha256 of the entry's key, shape, dtype and bytes (stored in the entry)."""
+        t = features.detach().cpu().contiguous()
+        h = hashlib.sha256(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
     def get(self, key: str) -> torch.Tensor | None:
+        """The cached features of ``key``, or None: missing, unreadable, or not what was
+        written (an entry edited in place, or one moved under another key) is recomputed,
+        never trusted."""
         path = self.path(key)
         if not path.exists():
             return None
         try:
-            return load_file(path)["features"]
-        except Exception:  # a damaged entry is recomputed, never trusted
+            with safe_open(str(path), "pt") as f:
+                recorded = (f.metadata() or {}).get("sha256")
+                features = f.get_tensor("features")
+        except Exception:  # safetensors raises several types on a damaged file
             log.warning("ignoring unreadable feature cache entry %s", path)
             return None
+        if recorded != self.digest(key, features):
+            log.warning(
+                "ignoring feature cache entry %s: its content is not what was written", path
+            )
+            return None
+        return features
 
     def put(self, key: str, features: torch.Tensor) -> None:
+        features = features.contiguous()
         with atomic_path(self.path(key)) as tmp:
-            save_file({"features": features.contiguous()}, str(tmp))
+            save_file(
+                {"features": features}, str(tmp), metadata={"sha256": self.digest(key, features)}
+            )
 
 
 def grid_mask(sample: Sample, preprocess: PreprocessConfig, grid: int) -> torch.Tensor:
