@@ -10,9 +10,10 @@ the last.
 import dagster as dg
 
 from cfr_assets.partitions import INGEST, RELEASE, TRAINING
+from cfr_assets.resources import INGEST_JOB
 
 ingest_job = dg.define_asset_job(
-    "cfr_ingest_job",
+    INGEST_JOB,
     selection=dg.AssetSelection.groups(INGEST),
     executor_def=dg.in_process_executor,
     description="Ingest a category's new landing scans into its shot library (quality-gated).",

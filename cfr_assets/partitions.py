@@ -2,7 +2,10 @@
 
 import dagster as dg
 
+#: rebuild runs of a category carry this tag (the run queue allows one per category)
 CATEGORY_TAG = "cfr/category"
+#: ingest runs carry this one instead: they never queue behind a rebuild (one per category)
+INGEST_TAG = "cfr/ingest"
 PARTITION_TAG = "dagster/partition"
 category_partitions = dg.DynamicPartitionsDefinition(name="category")
 

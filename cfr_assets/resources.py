@@ -93,6 +93,12 @@ class CFRModelSettings(dg.ConfigurableResource):
         )
 
 
+#: the ingest job's name (its runs hold only the ingest lock)
+INGEST_JOB = "cfr_ingest_job"
+#: seconds an ingest step waits for another one of the same category
+INGEST_LOCK_WAIT = 300.0
+
+
 class CFRStore(dg.ConfigurableResource):
     """Outputs: stage artifacts and the shot library on disk, deployments in SQL.
 
@@ -116,9 +122,19 @@ class CFRStore(dg.ConfigurableResource):
         if not category:
             yield self
             return
+        if run.job_name == INGEST_JOB:  # its ingest step takes the ingest lock on its own
+            yield self
+            return
         holder = f"run {run.run_id[:8]} ({run.job_name})"
         with self.registry().category_lock(category, holder, self.lock_wait_seconds):
             yield self
+
+    def ingest_lock(self, category: str, holder: str):
+        """The category's ingest lock (writes to its shot library), waited for up to
+        INGEST_LOCK_WAIT seconds: another ingest step takes seconds, not minutes."""
+        return self.registry().category_lock(
+            category, holder, max(self.lock_wait_seconds, INGEST_LOCK_WAIT), scope="ingest"
+        )
 
     def base(self) -> Path:
         return Path(self.root) if self.root else dagster_home() / "artifacts"

@@ -8,10 +8,13 @@ a bad file or folder in one category never stops another; problems are logged
 in the tick.
 """
 
+import os
+import time
+
 import dagster as dg
 
 from cfr_assets.jobs import cfr_job, ingest_job
-from cfr_assets.partitions import CATEGORY_TAG, category_partitions
+from cfr_assets.partitions import CATEGORY_TAG, INGEST_TAG, category_partitions
 from cfr_assets.resources import CFRData, CFRStore
 from cfr_core.data.landing import content_hash, scan_landing
 from cfr_core.errors import CFRError
@@ -33,7 +36,7 @@ def landing_sensor(
         return dg.SensorResult(skip_reason=f"landing folder {landing} does not exist yet")
     library = store.library()
     known = set(context.instance.get_dynamic_partitions(category_partitions.name))
-    new_partitions, requests, notes = [], [], []
+    new_partitions, requests, notes, waiting = [], [], [], []
     for folder in sorted(p for p in landing.iterdir() if not p.name.startswith(".")):
         category = folder.name
         if folder.is_symlink() or not folder.is_dir():
@@ -56,13 +59,18 @@ def landing_sensor(
             continue
         if not fresh:
             continue
+        busy = _in_flight(context.instance, category, INGEST_TAG)
+        settling = _settling(folder)
+        if busy or settling:  # the next tick takes everything as one batch
+            waiting.append(f"{category}: {len(fresh)} new scan(s) wait ({busy or settling})")
+            continue
         if category not in known:
             new_partitions.append(category)
         requests.append(
             dg.RunRequest(
                 run_key=f"ingest:{category}:{content_hash(fresh)}",
                 partition_key=category,
-                tags={CATEGORY_TAG: category},
+                tags={INGEST_TAG: category},
             )
         )
     for note in notes:
@@ -74,8 +82,41 @@ def landing_sensor(
         else [],
         skip_reason=None
         if requests
-        else "no new scans" + (f" ({len(notes)} problem(s) logged)" if notes else ""),
+        else ("; ".join(waiting) if waiting else "no new scans")
+        + (f" ({len(notes)} problem(s) logged)" if notes else ""),
     )
+
+
+#: a landing folder whose newest file is younger than this is still being copied into:
+#: its scans wait for the next tick, so a batch dropped together is one ingest
+SETTLE_SECONDS = 5.0
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+def _in_flight(instance: dg.DagsterInstance, category: str, *tags: str) -> str:
+    """'' or what is queued or running for ``category`` under any of ``tags``."""
+    for tag in tags:
+        runs = instance.get_runs(
+            filters=dg.RunsFilter(tags={tag: category}, statuses=IN_FLIGHT), limit=1
+        )
+        if runs:
+            kind = "an ingest" if tag == INGEST_TAG else "a rebuild"
+            state = {dg.DagsterRunStatus.QUEUED: "queued", dg.DagsterRunStatus.STARTED: "running"}
+            return f"{kind} run is {state.get(runs[0].status, 'starting')} ({runs[0].run_id[:8]})"
+    return ""
+
+
+def _settling(folder) -> str:
+    """'' or why ``folder``'s files look like a copy still in progress."""
+    settle = float(os.environ.get("CFR_LANDING_SETTLE_SECONDS", "") or SETTLE_SECONDS)
+    newest = max((p.stat().st_mtime for p in folder.iterdir() if p.is_file()), default=0.0)
+    age = time.time() - newest
+    return f"files still arriving (the newest {age:.0f} s ago)" if age < settle else ""
 
 
 def deployed_pool_hash(store: CFRStore, category: str) -> str | None:
@@ -99,8 +140,12 @@ def deployed_pool_hash(store: CFRStore, category: str) -> str | None:
 )
 def library_sensor(context: dg.SensorEvaluationContext, store: CFRStore) -> dg.SensorResult:
     library = store.library()
-    requests, notes = [], []
+    requests, notes, waiting = [], [], []
     for category in sorted(context.instance.get_dynamic_partitions(category_partitions.name)):
+        busy = _in_flight(context.instance, category, INGEST_TAG, CATEGORY_TAG)
+        if busy:  # rebuild once the batch is in and the last rebuild is done, never midway
+            waiting.append(f"{category}: {busy}")
+            continue
         try:
             pool = library.pool_hash(category)
             if not pool or pool == deployed_pool_hash(store, category):
@@ -119,5 +164,7 @@ def library_sensor(context: dg.SensorEvaluationContext, store: CFRStore) -> dg.S
         context.log.warning(note)
     return dg.SensorResult(
         run_requests=requests,
-        skip_reason=None if requests else "every deployed model was built from its current library",
+        skip_reason=None
+        if requests
+        else "; ".join(waiting) or "every deployed model was built from its current library",
     )

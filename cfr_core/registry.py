@@ -61,6 +61,10 @@ class RegistryError(CFRError):
     """The registry cannot be reached, or a category/version does not exist."""
 
 
+#: the locks a category has (see BankRegistry.category_lock)
+LOCK_SCOPES = ("rebuild", "ingest")
+
+
 class CategoryBusyError(RegistryError):
     """Another run holds the category's rebuild lock."""
 
@@ -512,36 +516,47 @@ class BankRegistry:
     # ------------------------------------------------------------------ locks
 
     @contextlib.contextmanager
-    def category_lock(self, category: str, holder: str, wait: float = 0.0) -> Iterator[None]:
-        """Hold ``category``'s rebuild lock for the ``with`` block.
+    def category_lock(
+        self, category: str, holder: str, wait: float = 0.0, scope: str = "rebuild"
+    ) -> Iterator[None]:
+        """Hold one of ``category``'s locks for the ``with`` block.
 
-        ``holder`` says who holds it (run id); a second caller waits up to
-        ``wait`` seconds, then gets :class:`CategoryBusyError` naming the holder.
-        The lock dies with its process (advisory lock / flock), never stale.
+        ``scope`` "rebuild" (a whole rebuild run) or "ingest" (writing the shot library:
+        an ingest run, or the ingest step of a rebuild): the two are separate, so a new
+        scan's gate check never queues behind a rebuild's training. ``holder`` says who
+        holds it (run id); a second caller waits up to ``wait`` seconds, then gets
+        :class:`CategoryBusyError` naming the holder. The lock dies with its process
+        (advisory lock / flock), never stale.
         """
         check_name(category)
+        if scope not in LOCK_SCOPES:
+            raise ValueError(f"lock scope must be one of {LOCK_SCOPES}, got {scope!r}")
+        # "+" is never part of a category name: the ingest lock cannot be another category's
+        lock_id = category if scope == "rebuild" else f"{category}+{scope}"
         who = f"{holder} (pid {os.getpid()} on {socket.gethostname()})"
         dialect = self.engine.dialect.name
         if dialect == "postgresql":
-            lock = self._pg_lock(category, wait)
+            lock = self._pg_lock(lock_id, wait)
         elif dialect == "sqlite":
-            lock = self._file_lock(category, wait)
+            lock = self._file_lock(lock_id, wait)
         else:
             raise RegistryError(f"category locks need SQLite or PostgreSQL, not {dialect}")
         with lock:
-            self._set_holder(category, who)
+            self._set_holder(lock_id, who)
             try:
                 yield
             finally:
-                self._set_holder(category, None)
+                self._set_holder(lock_id, None)
 
     def _busy(self, category: str, wait: float) -> CategoryBusyError:
         with Session(self.engine) as s:
             row = s.get(LockHolder, category)
         who = f"{row.holder} since {_iso(row.since)[:19]} UTC" if row else "another run"
         waited = f" (waited {wait:g} s)" if wait else ""
+        name, _, scope = category.partition("+")
+        doing = "is ingesting scans in" if scope == "ingest" else "is being rebuilt by"
         return CategoryBusyError(
-            f"category {category!r} is being rebuilt by {who}{waited}; wait for that run to "
+            f"category {name!r} {doing} {who}{waited}; wait for that run to "
             "finish, or retry with a longer wait"
         )
 

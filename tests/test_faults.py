@@ -311,7 +311,7 @@ def png_header(width: int, height: int) -> bytes:
     )
 
 
-def test_a_decompression_bomb_is_refused_everywhere(synth_copy, tmp_path, home):
+def test_a_decompression_bomb_is_refused_everywhere(synth_copy, tmp_path, home, monkeypatch):
     bomb_png = png_header(60000, 60000)
     train = index_category(synth_copy, "dome").split("train")
     train[0].rgb_path.write_bytes(bomb_png)
@@ -355,6 +355,7 @@ def test_a_decompression_bomb_is_refused_everywhere(synth_copy, tmp_path, home):
         (landing / cat).mkdir(parents=True)
         shutil.copyfile(rgb or src.rgb_path, landing / cat / "x.png")
         shutil.copyfile(src.xyz_path, landing / cat / "x.tiff")
+    monkeypatch.setenv("CFR_LANDING_SETTLE_SECONDS", "0")  # the copy is complete
     res = {"data": CFRData(landing=str(landing)), "store": CFRStore(root=str(tmp_path / "store"))}
     with dg.instance_for_test() as instance:
         with dg.build_sensor_context(instance=instance, resources=res) as context:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -21,7 +22,7 @@ import torch
 from click.testing import CliRunner
 
 from cfr_assets.definitions import default_resources, defs
-from cfr_assets.partitions import CATEGORY_TAG, category_partitions
+from cfr_assets.partitions import CATEGORY_TAG, INGEST_TAG, category_partitions
 from cfr_assets.resources import CFRData, CFRStore
 from cfr_assets.runner import run_category
 from cfr_assets.schedules import weekly_refit
@@ -29,10 +30,10 @@ from cfr_assets.sensors import landing_sensor, library_sensor
 from cfr_core.audit import audit
 from cfr_core.cli import main
 from cfr_core.config import DEFAULT_METHOD
-from cfr_core.data.landing import scan_landing
+from cfr_core.data.landing import content_hash, scan_landing
 from cfr_core.data.mvtec import index_category
 from cfr_core.io.artifacts import load_model
-from cfr_core.registry import BankRegistry
+from cfr_core.registry import BankRegistry, CategoryBusyError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"shots": 2, "epochs": 3, "grid": 32}
@@ -348,10 +349,18 @@ def tick(sensor, instance, res):
         return sensor(context)
 
 
-def _write_pair(folder: Path, name: str, sample) -> None:
+def _write_pair(folder: Path, name: str, sample, settled: bool = True) -> None:
+    """Drop a scan pair; ``settled``: as if copied a minute ago (the landing sensor waits
+    for a folder whose files are still arriving)."""
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(sample.rgb_path, folder / f"{name}.png")
-    shutil.copyfile(sample.xyz_path, folder / f"{name}.tiff")
+    for src, dst in (
+        (sample.rgb_path, folder / f"{name}.png"),
+        (sample.xyz_path, folder / f"{name}.tiff"),
+    ):
+        shutil.copyfile(src, dst)
+        if settled:
+            past = time.time() - 60
+            os.utime(dst, (past, past))
 
 
 def test_gate_quarantines_without_a_rebuild_and_release_requests_one(home):
@@ -419,13 +428,15 @@ def test_landing_sensor_new_category_same_files_corrupt_and_isolation(synth_root
     (landing / "broken").mkdir()
     (landing / "broken" / "x.png").write_bytes(train[0].rgb_path.read_bytes())
     (landing / "broken" / "x.tiff").write_bytes(train[0].xyz_path.read_bytes()[:300])  # truncated
+    for path in (landing / "broken").iterdir():
+        os.utime(path, (time.time() - 60, time.time() - 60))
     (landing / "bad name!").mkdir()
     res = {"data": CFRData(landing=str(landing)), "store": store}
     with dg.instance_for_test() as instance:
         first = tick(landing_sensor, instance, res)
         assert [r.partition_key for r in first.run_requests] == ["candy"]
         assert first.dynamic_partitions_requests[0].partition_keys == ["candy"]
-        assert first.run_requests[0].tags[CATEGORY_TAG] == "candy"
+        assert first.run_requests[0].tags == {INGEST_TAG: "candy"}  # not queued behind rebuilds
         key = first.run_requests[0].run_key
         assert key.startswith("ingest:candy:")
         again = tick(landing_sensor, instance, res)
@@ -441,6 +452,63 @@ def test_landing_sensor_new_category_same_files_corrupt_and_isolation(synth_root
         assert len(new.run_requests) == 1 and new.run_requests[0].run_key != key
         assert not new.dynamic_partitions_requests  # the partition exists already
     assert (landing / "broken" / "x.tiff").exists()  # left in place
+
+
+def test_a_batch_is_one_ingest_and_one_rebuild_and_ingest_never_waits_for_training(
+    synth_root, tmp_path
+):
+    landing, store = tmp_path / "landing", CFRStore(root=str(tmp_path / "store"))
+    train = index_category(synth_root, "candy").split("train")
+    res = {"data": CFRData(landing=str(landing)), "store": store}
+
+    def in_flight(tag: str, status=dg.DagsterRunStatus.NOT_STARTED) -> dg.DagsterRun:
+        run = dg.DagsterRun(
+            job_name="job", run_id=str(uuid.uuid4()), status=status, tags={tag: "candy"}
+        )
+        return instance.add_run(run)
+
+    with dg.instance_for_test() as instance:
+        _write_pair(landing / "candy", "a", train[0], settled=False)  # the copy goes on ...
+        early = tick(landing_sensor, instance, res)
+        assert not early.run_requests and "files still arriving" in early.skip_reason.skip_message
+        _write_pair(landing / "candy", "a", train[0])
+        _write_pair(landing / "candy", "b", train[1])
+        batch = tick(landing_sensor, instance, res)  # ... and both scans are one ingest
+        scans, _ = scan_landing(landing / "candy", "candy")
+        assert [r.run_key for r in batch.run_requests] == [f"ingest:candy:{content_hash(scans)}"]
+        assert batch.run_requests[0].tags == {INGEST_TAG: "candy"}
+        ingest = in_flight(INGEST_TAG)  # that run, about to start
+        _write_pair(landing / "candy", "c", train[2])
+        later = tick(landing_sensor, instance, res)  # c waits for the batch in progress
+        assert (
+            not later.run_requests and "an ingest run is starting" in later.skip_reason.skip_message
+        )
+        instance.add_dynamic_partitions(category_partitions.name, ["candy"])
+        for scan in scans:
+            store.library().add(scan)  # what the ingest run does
+        waiting = tick(library_sensor, instance, {"store": store})
+        assert (
+            not waiting.run_requests
+            and "an ingest run is starting" in waiting.skip_reason.skip_message
+        )
+        instance.report_run_canceled(ingest)
+        rebuild = tick(library_sensor, instance, {"store": store})  # one rebuild, of the final pool
+        pool = store.library().pool_hash("candy")
+        assert [r.run_key for r in rebuild.run_requests] == [f"rebuild:candy:{pool}"]
+        assert rebuild.run_requests[0].tags == {CATEGORY_TAG: "candy"}
+        running = in_flight(CATEGORY_TAG, dg.DagsterRunStatus.STARTED)
+        assert not tick(library_sensor, instance, {"store": store}).run_requests
+        # a rebuild running: the new scan is ingested (and gate-checked) now, not after it
+        assert [r.partition_key for r in tick(landing_sensor, instance, res).run_requests] == [
+            "candy"
+        ]
+        instance.report_run_canceled(running)
+    registry = store.registry()
+    with registry.category_lock("candy", "a rebuild's training"):
+        with registry.category_lock("candy", "an ingest step", scope="ingest"):
+            with pytest.raises(CategoryBusyError, match="is ingesting scans in an ingest step"):
+                with registry.category_lock("candy", "another ingest", scope="ingest"):
+                    pass
 
 
 def test_schedule_fans_out_over_categories():

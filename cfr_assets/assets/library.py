@@ -65,6 +65,18 @@ verdicts.""",
 def shot_library(
     context: dg.AssetExecutionContext, data: CFRData, settings: CFRModelSettings, store: CFRStore
 ) -> dg.MaterializeResult:
+    # the ingest lock only (not the rebuild's): a scan's gate check never waits for training
+    try:
+        holder = f"run {context.run.run_id[:8]} ({context.run.job_name}, ingest)"
+    except Exception:  # invoked directly, outside a run: the context has no run
+        holder = "shot_library (invoked directly)"
+    with store.ingest_lock(context.partition_key, holder):
+        return _ingest(context, data, settings, store)
+
+
+def _ingest(
+    context: dg.AssetExecutionContext, data: CFRData, settings: CFRModelSettings, store: CFRStore
+) -> dg.MaterializeResult:
     category = context.partition_key
     library = store.library()
     scans, problems = scan_landing(data.landing_dir() / category, category)
