@@ -10,11 +10,12 @@ import warnings
 
 import dagster as dg
 import torch
+from safetensors.torch import load_file
 
 from cfr_assets.assets.evaluation import candidate_ref, evaluation_report
 from cfr_assets.partitions import category_partitions
 from cfr_assets.resources import CFRModelSettings, CFRStore
-from cfr_core.io.artifacts import load_model
+from cfr_core.io.artifacts import MODEL_JSON, WEIGHTS, load_model, read_json
 from cfr_core.io.stages import REPORT_JSON
 from cfr_core.memory.bank import coreset_size
 
@@ -41,11 +42,24 @@ def candidate_report(context, store: CFRStore) -> dict:
     description="Every learned tensor (mappers, retriever, banks, standardisation) is finite.",
 )
 def finite_weights(context: dg.AssetCheckExecutionContext, store: CFRStore) -> dg.AssetCheckResult:
-    model = _candidate(context, store)
-    bad = [name for name, t in model.tensors().items() if not torch.isfinite(t).all()]
+    # read from the files, not through load_model: a model whose weights are NaN also
+    # has a NaN θ, which load_model refuses before this check could name the tensor
+    folder = candidate_ref(context, store).folder
+    tensors = load_file(str(folder / WEIGHTS))
+    bad = [
+        name
+        for name, t in tensors.items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    meta = read_json(folder / MODEL_JSON, "model.json")
+    bad += [
+        k
+        for k in ("theta", "threshold", "gate_threshold")
+        if isinstance(meta.get(k), float) and not math.isfinite(meta[k])
+    ]
     return dg.AssetCheckResult(
         passed=not bad,
-        metadata={"non_finite": ", ".join(bad) or "none", "tensors": len(model.tensors())},
+        metadata={"non_finite": ", ".join(bad) or "none", "tensors": len(tensors)},
     )
 
 

@@ -189,6 +189,8 @@ def chain_check(registry: BankRegistry) -> Check:
         problems = registry.verify()
     except CFRError as exc:
         problems = [str(exc)]
+    except (ValueError, TypeError) as exc:  # a column that no longer parses (JSON, a date)
+        problems = [f"a row cannot be read ({exc}): it was edited outside CFR Factory"]
     return "registry rows and deploy log match their hash chains", not problems, "; ".join(problems)
 
 
