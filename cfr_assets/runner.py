@@ -16,7 +16,8 @@ import dagster as dg
 
 from cfr_assets.definitions import build_definitions
 from cfr_assets.launcher import HOST_TAG, PID_TAG
-from cfr_assets.partitions import CATEGORY_TAG, category_partitions
+from cfr_assets.partitions import CATEGORY_TAG, INGEST_TAG, category_partitions
+from cfr_assets.resources import INGEST_JOB
 from cfr_core.errors import CFRError
 from cfr_core.paths import check_name
 
@@ -132,7 +133,7 @@ def run_category(
             partition_key=category,
             instance=instance,
             tags={
-                CATEGORY_TAG: category,
+                (INGEST_TAG if job == INGEST_JOB else CATEGORY_TAG): category,
                 HOST_TAG: socket.gethostname(),  # so that run monitoring can tell
                 PID_TAG: str(os.getpid()),  # when this process dies mid-run
             },

@@ -114,8 +114,17 @@ def _in_flight(instance: dg.DagsterInstance, category: str, *tags: str) -> str:
 def _settling(folder) -> str:
     """'' or why ``folder``'s files look like a copy still in progress."""
     settle = float(os.environ.get("CFR_LANDING_SETTLE_SECONDS", "") or SETTLE_SECONDS)
-    newest = max((p.stat().st_mtime for p in folder.iterdir() if p.is_file()), default=0.0)
-    age = time.time() - newest
+    newest = 0.0
+    for path in folder.iterdir():
+        try:  # a scanner's temporary file may be renamed away between listing and stat
+            # ctime: when the file arrived here, also for copies that keep their mtime
+            st = path.stat()
+            newest = max(newest, st.st_mtime, st.st_ctime)
+        except OSError:
+            return "files still arriving (one vanished while listed)"
+    age = max(0.0, time.time() - newest)  # a clock ahead (a share) must not wait forever
+    if newest > time.time() + 60:
+        return ""
     return f"files still arriving (the newest {age:.0f} s ago)" if age < settle else ""
 
 

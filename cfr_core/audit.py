@@ -27,7 +27,7 @@ from pathlib import Path
 from cfr_core.data.io import sha256_file
 from cfr_core.engine.model import ShotRecord
 from cfr_core.errors import CFRError
-from cfr_core.io.artifacts import MODEL_JSON, read_json, verify_model
+from cfr_core.io.artifacts import MODEL_JSON, load_model, read_json, verify_model
 from cfr_core.io.stages import (
     MODEL_STAGE,
     REPORT_JSON,
@@ -70,7 +70,11 @@ def _file_check(what: str, path: str | Path, expected: str) -> Check:
     return what, ok, f"{p}: " + ("ok" if ok else f"sha256 {got[:12]} != recorded {expected[:12]}")
 
 
-def _shot_fields(shots: list[dict]) -> list[dict]:
+def _shot_fields(shots) -> list[dict] | None:
+    """The recorded fields of each shot; None for anything but a list of objects (an
+    edited row or model.json), which then equals nothing."""
+    if not isinstance(shots, list) or not all(isinstance(s, dict) for s in shots):
+        return None
     names = ShotRecord.__dataclass_fields__
     return [{k: s.get(k) for k in names} for s in shots]
 
@@ -202,7 +206,7 @@ def audit(record: DeploymentRecord, registry: BankRegistry | None = None) -> Aud
         report.add(*chain_check(registry))
     try:
         _audit_files(record, report)
-    except (CFRError, OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+    except (CFRError, OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         report.add("deployment readable", False, f"{type(exc).__name__}: {exc}")
     return report
 
@@ -234,6 +238,15 @@ def audited_deploy(
     return registry.activate(category, version, action, note), report
 
 
+def audited_rollback(
+    registry: BankRegistry, category: str, version: int, wait: float = 0.0
+) -> tuple[DeploymentRecord, AuditReport]:
+    """:func:`audited_deploy` as a rollback, holding the category's rebuild lock, so that
+    a rebuild deploying at the same moment cannot undo it (or be undone) unseen."""
+    with registry.category_lock(category, f"cfr registry rollback to v{version}", wait):
+        return audited_deploy(registry, category, version, "rollback")
+
+
 def _audit_files(record: DeploymentRecord, report: AuditReport) -> None:
     try:
         digest = verify_model(record.model_path)
@@ -247,6 +260,15 @@ def _audit_files(record: DeploymentRecord, report: AuditReport) -> None:
         report.add("model folder matches its manifest", False, str(exc))
         return
     meta = json.loads((Path(record.model_path) / MODEL_JSON).read_text())
+    if not isinstance(meta, dict):
+        raise ValueError("model.json is not an object")
+    # the model must load as serving loads it (every field typed and ranged, the
+    # method's tensors present): a version that would not serve is not deployed
+    try:
+        load_model(record.model_path, verify=False)
+        report.add("model loads", True, "")
+    except CFRError as exc:
+        report.add("model loads", False, str(exc))
     for what, ok, detail in lineage_checks(
         store_of(record.model_path), record.category, record.model_path
     ):
@@ -275,7 +297,8 @@ def _audit_files(record: DeploymentRecord, report: AuditReport) -> None:
         )
     except CFRError as exc:
         report.add("evaluation report = registry metrics and threshold", False, str(exc))
-    derived = {s: (meta.get("lineage") or {}).get(s) for s in TRAINING_STAGES} | {
+    lineage = meta.get("lineage") if isinstance(meta.get("lineage"), dict) else {}
+    derived = {s: lineage.get(s) for s in TRAINING_STAGES} | {
         MODEL_STAGE: folder_hash(Path(record.model_path))
     }
     report.add(
@@ -333,7 +356,11 @@ def recompute_checks(record: DeploymentRecord) -> list[Check]:
             "" if ids == meta.get("extractor_ids") else f"rebuilt {ids}",
         )
     )
-    fresh = extract_features(samples, extractors, config.preprocess, cache=None)
+    try:
+        fresh = extract_features(samples, extractors, config.preprocess, cache=None)
+    except (CFRError, OSError, RuntimeError, ValueError) as exc:
+        checks.append(("features recomputed from the recorded shots", False, str(exc)))
+        return checks
     for name, new in (("rgb", fresh.rgb), ("points", fresh.points)):
         old = stored.get(name)
         if old is None or old.shape != new.shape:
@@ -364,6 +391,7 @@ __all__ = [
     "audit",
     "audit_all",
     "audited_deploy",
+    "audited_rollback",
     "chain_check",
     "lineage_checks",
     "recompute_checks",

@@ -106,10 +106,10 @@ def registry_rollback(category: str, version: int, home: Path, registry_url: str
     stage of its lineage and every shot file). Anything that fails is refused, and the
     live deployment stays.
     """
-    from cfr_core.audit import audited_deploy
+    from cfr_core.audit import audited_rollback
 
     reg = _registry(home, registry_url)
-    rec, report = audited_deploy(reg, check_name(category), version, "rollback")
+    rec, report = audited_rollback(reg, check_name(category), version)
     click.echo(
         f"{category}: version {rec.version} is deployed ({rec.model_hash[:12]}; "
         f"audit passed, {len(report.checks)} checks)"
@@ -371,8 +371,10 @@ def pipeline_run(
     with dg.DagsterInstance.get() as instance:
         check_known(category, instance, resources)
         # a held lock is one line here, not a failed run and its traceback in the log
+        # (advisory: the run takes the lock again; another run may start in between)
         holder = f"cfr pipeline run {category} (pid {os.getpid()}, waiting to start)"
-        with resources["store"].registry().category_lock(category, holder, wait):
+        scope = "ingest" if ingest_only else "rebuild"
+        with resources["store"].registry().category_lock(category, holder, wait, scope=scope):
             pass
         outcome = run_category(
             category,

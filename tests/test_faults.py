@@ -779,6 +779,18 @@ def test_the_audit_checks_the_chain_first_and_never_tracebacks_on_edited_rows(ho
         assert not report.ok and all(isinstance(d, str) for _, _, d in report.checks)
     finally:
         _sql(home, f"update cfr_deployments set model_path=? where {row}", live.model_path)
+    # a row whose shots are no longer a list of objects (once an AttributeError)
+    _sql(home, f"""update cfr_deployments set shot_hashes='["x"]' where {row}""")
+    try:
+        out = runner.invoke(main, audit_cmd)
+        assert out.exit_code == 1 and "Traceback" not in out.output, out.output
+        assert "FAIL model shots = registry shots" in out.output
+    finally:
+        _sql(
+            home,
+            f"update cfr_deployments set shot_hashes=? where {row}",
+            json.dumps(live.shot_hashes),
+        )
     # the deployed flag flipped off: `cfr audit dome` once stopped at "no deployed version"
     _sql(home, f"update cfr_deployments set deployed=0 where {row}")
     try:
@@ -788,7 +800,8 @@ def test_the_audit_checks_the_chain_first_and_never_tracebacks_on_edited_rows(ho
         assert "no deployed version" in out.output
     finally:
         _sql(home, f"update cfr_deployments set deployed=1 where {row}")
-    assert runner.invoke(main, audit_cmd).exit_code == 0
+    healthy = runner.invoke(main, audit_cmd)
+    assert healthy.exit_code == 0 and "ok   model loads" in healthy.output
 
 
 def test_a_model_json_with_a_non_finite_threshold_does_not_load(home, tmp_path):
@@ -834,6 +847,10 @@ def test_every_model_json_field_is_typed_and_ranged_and_unknown_ones_are_refused
         "theta text": (lambda m: m.update(theta="0.3"), "field 'theta' must be a number or null"),
         "threshold < 0": (
             lambda m: m.update(threshold=-1.0),
+            "field 'threshold' must be a finite number >= 0",
+        ),
+        "threshold 400 digits": (
+            lambda m: m.update(threshold=10**400),
             "field 'threshold' must be a finite number >= 0",
         ),
         "unknown": (lambda m: m.update(accept_all=True), "field 'accept_all' is not a model.json"),

@@ -349,18 +349,10 @@ def tick(sensor, instance, res):
         return sensor(context)
 
 
-def _write_pair(folder: Path, name: str, sample, settled: bool = True) -> None:
-    """Drop a scan pair; ``settled``: as if copied a minute ago (the landing sensor waits
-    for a folder whose files are still arriving)."""
+def _write_pair(folder: Path, name: str, sample) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for src, dst in (
-        (sample.rgb_path, folder / f"{name}.png"),
-        (sample.xyz_path, folder / f"{name}.tiff"),
-    ):
-        shutil.copyfile(src, dst)
-        if settled:
-            past = time.time() - 60
-            os.utime(dst, (past, past))
+    shutil.copyfile(sample.rgb_path, folder / f"{name}.png")
+    shutil.copyfile(sample.xyz_path, folder / f"{name}.tiff")
 
 
 def test_gate_quarantines_without_a_rebuild_and_release_requests_one(home):
@@ -420,7 +412,10 @@ def test_gate_quarantines_without_a_rebuild_and_release_requests_one(home):
             shutil.rmtree(res["store"].library().folder("dome", entry["content_id"]), True)
 
 
-def test_landing_sensor_new_category_same_files_corrupt_and_isolation(synth_root, tmp_path):
+def test_landing_sensor_new_category_same_files_corrupt_and_isolation(
+    synth_root, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("CFR_LANDING_SETTLE_SECONDS", "0")  # copies complete at once here
     landing, store = tmp_path / "landing", CFRStore(root=str(tmp_path / "store"))
     train = index_category(synth_root, "candy").split("train")
     _write_pair(landing / "candy", "a", train[0])
@@ -428,8 +423,6 @@ def test_landing_sensor_new_category_same_files_corrupt_and_isolation(synth_root
     (landing / "broken").mkdir()
     (landing / "broken" / "x.png").write_bytes(train[0].rgb_path.read_bytes())
     (landing / "broken" / "x.tiff").write_bytes(train[0].xyz_path.read_bytes()[:300])  # truncated
-    for path in (landing / "broken").iterdir():
-        os.utime(path, (time.time() - 60, time.time() - 60))
     (landing / "bad name!").mkdir()
     res = {"data": CFRData(landing=str(landing)), "store": store}
     with dg.instance_for_test() as instance:
@@ -455,8 +448,9 @@ def test_landing_sensor_new_category_same_files_corrupt_and_isolation(synth_root
 
 
 def test_a_batch_is_one_ingest_and_one_rebuild_and_ingest_never_waits_for_training(
-    synth_root, tmp_path
+    synth_root, tmp_path, monkeypatch
 ):
+    monkeypatch.setenv("CFR_LANDING_SETTLE_SECONDS", "1.5")
     landing, store = tmp_path / "landing", CFRStore(root=str(tmp_path / "store"))
     train = index_category(synth_root, "candy").split("train")
     res = {"data": CFRData(landing=str(landing)), "store": store}
@@ -468,17 +462,18 @@ def test_a_batch_is_one_ingest_and_one_rebuild_and_ingest_never_waits_for_traini
         return instance.add_run(run)
 
     with dg.instance_for_test() as instance:
-        _write_pair(landing / "candy", "a", train[0], settled=False)  # the copy goes on ...
+        _write_pair(landing / "candy", "a", train[0])  # the copy goes on ...
         early = tick(landing_sensor, instance, res)
         assert not early.run_requests and "files still arriving" in early.skip_reason.skip_message
-        _write_pair(landing / "candy", "a", train[0])
         _write_pair(landing / "candy", "b", train[1])
+        time.sleep(1.6)
         batch = tick(landing_sensor, instance, res)  # ... and both scans are one ingest
         scans, _ = scan_landing(landing / "candy", "candy")
         assert [r.run_key for r in batch.run_requests] == [f"ingest:candy:{content_hash(scans)}"]
         assert batch.run_requests[0].tags == {INGEST_TAG: "candy"}
         ingest = in_flight(INGEST_TAG)  # that run, about to start
         _write_pair(landing / "candy", "c", train[2])
+        time.sleep(1.6)
         later = tick(landing_sensor, instance, res)  # c waits for the batch in progress
         assert (
             not later.run_requests and "an ingest run is starting" in later.skip_reason.skip_message

@@ -92,9 +92,10 @@ def check_scan_arrays(
     xyz_path: Path,
     min_valid_fraction: float,
 ) -> list[Problem]:
-    """What every door (the landing folder, `cfr data check`; fit, evaluate, score and
-    serve through :func:`cfr_core.data.prepare.prepare_arrays`) asks of a decoded scan:
-    the cloud's values, the minimum size, and RGB and cloud of the same size."""
+    """What the landing folder and `cfr data check` ask of a decoded scan: the cloud's
+    values, the minimum size, and RGB and cloud of the same size (fit, evaluate, score and
+    serve apply the same minimum size in :func:`cfr_core.data.prepare.prepare_arrays`, and
+    refuse mismatched sizes and unusable clouds there)."""
     problems = check_xyz_values(xyz, xyz_path, min_valid_fraction)
     try:
         check_scan_size(*xyz.shape[:2], xyz_path)

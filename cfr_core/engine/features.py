@@ -119,7 +119,8 @@ class FeatureCache:
     def get(self, key: str) -> torch.Tensor | None:
         """The cached features of ``key``, or None: missing, unreadable, or not what was
         written (an entry edited in place, or one moved under another key) is recomputed,
-        never trusted."""
+        never trusted. The seal is a plain hash stored in the entry: it catches damage and
+        careless edits, not a forger who re-seals; `cfr audit --recompute` catches that."""
         path = self.path(key)
         if not path.exists():
             return None

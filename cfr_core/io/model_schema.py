@@ -54,7 +54,11 @@ def _number(meta: dict, name: str, low: float, high: float, what: str) -> None:
         raise ModelFieldError(
             name, f"must be a number or null, got {type(value).__name__} {value!r}"
         )
-    if not (math.isfinite(value) and low <= value <= high):
+    try:
+        inside = math.isfinite(value) and low <= value <= high
+    except OverflowError:  # an integer too large for a float
+        inside = False
+    if not inside:
         raise ModelFieldError(name, f"must be {what}, got {value!r}")
 
 

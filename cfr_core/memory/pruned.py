@@ -56,14 +56,14 @@ class CosineIndex:
         if self.whole is not None:
             return
         c = groups or max(1, int(math.sqrt(m)))
-        self.centres = unit[:c].contiguous()
+        self.centres = unit[:c].clone()  # not a view: it would keep all of ``unit`` alive
         sim, owner = _chunked_argmax(unit, self.centres)
         order = torch.argsort(owner, stable=True)
         self.rows = unit[order].contiguous()
         counts = torch.bincount(owner, minlength=c)
         self.offsets = [0, *torch.cumsum(counts, 0).tolist()]
         # the widest angle of a member from its centre, widened for rounding
-        lowest = torch.full((c,), 1.0, dtype=torch.float64)
+        lowest = torch.full((c,), 1.0, dtype=torch.float64, device=unit.device)
         lowest.scatter_reduce_(0, owner, sim.double(), reduce="amin")
         self.radius = torch.arccos((lowest - SLACK).clamp(-1.0, 1.0))
 
