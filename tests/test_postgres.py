@@ -68,8 +68,9 @@ def test_two_categories_materialize_with_postgres_storage_and_registry(home):
     assert registry.engine.dialect.name == "postgresql" and registry.verify() == []
 
 
-def test_sensor_tick_on_postgres(home, synth_root, tmp_path):
+def test_sensor_tick_on_postgres(home, synth_root, tmp_path, monkeypatch):
     home, _ = home
+    monkeypatch.setenv("CFR_LANDING_SETTLE_SECONDS", "0")  # the copy below is complete
     landing = tmp_path / "landing"
     (landing / "candy").mkdir(parents=True)
     sample = index_category(synth_root, "candy").split("train")[0]
@@ -118,7 +119,8 @@ def test_two_processes_contending_for_one_category(home):
             capture_output=True,
             text=True,
         )
-    assert busy.returncode == 1 and "is being rebuilt by the test" in busy.stdout + busy.stderr
+    # refused before a run starts: one line, exit 2
+    assert busy.returncode == 2 and "is being rebuilt by the test" in busy.stdout + busy.stderr
     before = {r.version for r in registry.list("ribbed")}
     procs = [
         subprocess.Popen(
