@@ -324,7 +324,7 @@ def recompute_checks(record: DeploymentRecord) -> list[Check]:
     from safetensors.torch import load_file
 
     from cfr_core.config import FitConfig
-    from cfr_core.data.mvtec import GOOD, Sample
+    from cfr_core.data.mvtec import manifest_samples
     from cfr_core.engine.features import build_extractors, extract_features
 
     try:
@@ -334,13 +334,7 @@ def recompute_checks(record: DeploymentRecord) -> list[Check]:
         shots = stages.open(record.category, "normal_shots", lineage["normal_shots"])
         feats = stages.open(record.category, "shot_features", lineage["shot_features"])
         config = FitConfig.from_dict(meta["config"])
-        manifest = shots.json("shots.json")
-        samples = [
-            Sample(
-                record.category, "train", GOOD, s["stem"], Path(s["rgb_path"]), Path(s["xyz_path"])
-            )
-            for s in manifest["shots"]
-        ]
+        samples = manifest_samples(shots.json("shots.json"))
         stored = load_file(str(feats.file("features.safetensors")))
         extractors = build_extractors(config.extractors)
     except (CFRError, OSError, KeyError, TypeError, ValueError) as exc:

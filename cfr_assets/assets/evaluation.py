@@ -7,7 +7,7 @@ import dagster as dg
 import numpy as np
 import torch
 
-from cfr_assets.assets.shots import manifest_samples, stage_result
+from cfr_assets.assets.shots import stage_result
 from cfr_assets.assets.training import (
     attention_retriever,
     curves,
@@ -24,7 +24,7 @@ from cfr_assets.partitions import RELEASE, stage_asset
 from cfr_assets.pictures import captioned, gallery, png_markdown, score_histogram, verdict_table
 from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore
 from cfr_core.audit import AuditFailed, audit, audited_deploy, verify_lineage
-from cfr_core.data.mvtec import index_category
+from cfr_core.data.mvtec import index_category, manifest_samples
 from cfr_core.data.prepare import prepare_sample
 from cfr_core.engine.features import FeatureCache
 from cfr_core.engine.fit import assemble, calibrate_and_gate, evaluate, test_samples

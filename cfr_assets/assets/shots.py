@@ -1,7 +1,6 @@
 """normal_shots: the shots of this rebuild, chosen from the shot library by the few-shot protocol."""
 
 import json
-from pathlib import Path
 
 import dagster as dg
 
@@ -9,7 +8,7 @@ from cfr_assets.assets.library import shot_library
 from cfr_assets.handoff import VERSION_KEY
 from cfr_assets.partitions import stage_asset
 from cfr_assets.resources import CFRData, CFRModelSettings, CFRStore, StageRef
-from cfr_core.data.mvtec import GOOD, Sample, index_category
+from cfr_core.data.mvtec import Sample, index_category
 from cfr_core.engine.fit import choose_shots, shot_records
 from cfr_core.errors import CFRError
 
@@ -19,15 +18,6 @@ def stage_result(ref: StageRef, **meta) -> dg.MaterializeResult:
     meta[VERSION_KEY] = ref.version
     meta["artifact_folder"] = dg.MetadataValue.path(str(ref.folder))
     return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(ref.version))
-
-
-def manifest_samples(manifest: dict) -> list[Sample]:
-    return [
-        Sample(
-            manifest["category"], "train", GOOD, s["stem"], Path(s["rgb_path"]), Path(s["xyz_path"])
-        )
-        for s in manifest["shots"]
-    ]
 
 
 def _file_name(store: CFRStore, category: str, sample: Sample) -> str:

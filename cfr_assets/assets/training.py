@@ -13,12 +13,13 @@ import dagster as dg
 import torch
 from safetensors.torch import load_file, save_file
 
-from cfr_assets.assets.shots import manifest_samples, normal_shots, stage_result
+from cfr_assets.assets.shots import normal_shots, stage_result
 from cfr_assets.handoff import upstream
 from cfr_assets.partitions import stage_asset
 from cfr_assets.pictures import loss_plot, loss_table, png_markdown
 from cfr_assets.resources import CFRModelSettings, CFRStore, StageRef
 from cfr_core.config import FitConfig
+from cfr_core.data.mvtec import manifest_samples
 from cfr_core.engine.features import FeatureCache, FeatureSet, extract_features
 from cfr_core.engine.fit import (
     fit_banks,

@@ -123,6 +123,16 @@ class CategoryIndex:
         return train
 
 
+def manifest_samples(manifest: dict) -> list[Sample]:
+    """The shots a pipeline ``shots.json`` manifest records, as train/good samples."""
+    return [
+        Sample(
+            manifest["category"], "train", GOOD, s["stem"], Path(s["rgb_path"]), Path(s["xyz_path"])
+        )
+        for s in manifest["shots"]
+    ]
+
+
 def list_categories(root: str | Path) -> list[str]:
     """Category folders under ``root`` (those with a ``train`` or ``test`` folder), sorted."""
     root = Path(root)

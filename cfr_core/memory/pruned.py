@@ -24,6 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from cfr_core.memory.search import any_similar, max_cosine, topk_cosine
+
 #: cosines (float32 dot products of unit rows) are trusted to within this much; the
 #: bounds widen by it so that rounding can never prune a row that would have won
 SLACK = 1e-4
@@ -33,15 +35,6 @@ MIN_ROWS = 4096
 #: every cosine high) the groups overlap and pruning saved too little to be worth its
 #: bookkeeping (bench/results/serve.md); the 152-d RGB bank is searched 4-9x faster
 MIN_DIM = 64
-
-
-def _chunked_argmax(x: torch.Tensor, centres: torch.Tensor, rows: int = 4096):
-    values, indices = [], []
-    for s in range(0, x.shape[0], rows):
-        v, i = (x[s : s + rows] @ centres.T).max(dim=1)
-        values.append(v)
-        indices.append(i)
-    return torch.cat(values), torch.cat(indices)
 
 
 class CosineIndex:
@@ -57,7 +50,7 @@ class CosineIndex:
             return
         c = groups or max(1, int(math.sqrt(m)))
         self.centres = unit[:c].clone()  # not a view: it would keep all of ``unit`` alive
-        sim, owner = _chunked_argmax(unit, self.centres)
+        sim, owner = (t[:, 0] for t in topk_cosine(unit, self.centres, 1, bank_is_unit=True))
         order = torch.argsort(owner, stable=True)
         self.rows = unit[order].contiguous()
         counts = torch.bincount(owner, minlength=c)
@@ -79,10 +72,8 @@ class CosineIndex:
 
     def max_cosine(self, queries: torch.Tensor) -> torch.Tensor:
         """(Q,) each query's highest cosine similarity to any bank row."""
-        from cfr_core.memory.search import max_cosine
-
         if self.whole is not None:
-            return max_cosine(queries, self.whole)
+            return max_cosine(queries, self.whole, bank_is_unit=True)
         q = F.normalize(queries.float(), dim=1)
         if q.shape[0] == 0:
             return torch.empty(0)
@@ -101,10 +92,8 @@ class CosineIndex:
 
     def any_similar(self, queries: torch.Tensor, min_sim: float) -> torch.Tensor:
         """(Q,) bool: whether some bank row has cosine similarity >= ``min_sim``."""
-        from cfr_core.memory.search import any_similar
-
         if self.whole is not None:
-            return any_similar(queries, self.whole, min_sim)
+            return any_similar(queries, self.whole, min_sim, bank_is_unit=True)
         q = F.normalize(queries.float(), dim=1)
         if q.shape[0] == 0:
             return torch.zeros(0, dtype=torch.bool)

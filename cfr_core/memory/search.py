@@ -96,13 +96,18 @@ def _max_cosine(q: torch.Tensor, b: torch.Tensor, budget: int) -> torch.Tensor:
 
 
 def max_cosine(
-    queries: torch.Tensor, bank: torch.Tensor, budget: int = DEFAULT_BUDGET
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    budget: int = DEFAULT_BUDGET,
+    bank_is_unit: bool = False,
 ) -> torch.Tensor:
     """(Q,) the highest cosine similarity of each query to any bank row: the values of
     ``topk_cosine(queries, bank, 1)`` without the indices (``amax`` is ~1.1-2x faster)."""
     _check(queries, bank)
     q = F.normalize(queries.float(), dim=1)
-    return _max_cosine(q, F.normalize(bank.float(), dim=1), budget)
+    return _max_cosine(
+        q, bank.float() if bank_is_unit else F.normalize(bank.float(), dim=1), budget
+    )
 
 
 def any_similar(
@@ -111,6 +116,7 @@ def any_similar(
     min_sim: float,
     head: int = 2048,
     budget: int = DEFAULT_BUDGET,
+    bank_is_unit: bool = False,
 ) -> torch.Tensor:
     """(Q,) bool: whether some bank row has cosine similarity >= ``min_sim`` to each query.
 
@@ -121,7 +127,7 @@ def any_similar(
     """
     _check(queries, bank)
     q = F.normalize(queries.float(), dim=1)
-    b = F.normalize(bank.float(), dim=1)
+    b = bank.float() if bank_is_unit else F.normalize(bank.float(), dim=1)
     found = _max_cosine(q, b[:head], budget) >= min_sim
     undecided = torch.nonzero(~found).squeeze(1)
     if head < b.shape[0] and undecided.numel():
