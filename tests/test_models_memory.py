@@ -130,7 +130,31 @@ def test_chunked_search_equals_full():
     )
 
 
-@pytest.mark.parametrize("dim", [33, 152, 768])  # narrow (cache-sized chunks) and wide paths
+@pytest.mark.parametrize("budget", [1 << 26, 5000])
+def test_running_best_over_bank_blocks_equals_the_full_search(budget):
+    """The bank is swept 512 rows at a time: maxima, indices and distances are those of the
+    whole similarity matrix, and a tie keeps the first row (rows 512-1023 repeat 0-511)."""
+    from cfr_core.memory.search import BANK_BLOCK
+
+    torch.manual_seed(8)
+    head = torch.randn(BANK_BLOCK, 38)
+    bank = torch.cat([head, head, torch.randn(700, 38)])  # three blocks and a partial one
+    q = torch.cat([head[:50] + 0.05 * torch.randn(50, 38), torch.randn(150, 38)])
+    unit = torch.nn.functional.normalize
+    full = unit(q, dim=1) @ unit(bank, dim=1).T
+    sims, idx = topk_cosine(q, bank, 1, budget=budget)
+    assert torch.allclose(sims[:, 0], full.max(dim=1).values, atol=1e-6)
+    assert torch.allclose(max_cosine(q, bank, budget=budget), full.max(dim=1).values, atol=1e-6)
+    assert torch.allclose(full.gather(1, idx), sims, atol=1e-6)  # the index is the maximum
+    near_head = idx[:50, 0]
+    assert bool((near_head < BANK_BLOCK).all())  # the first of two equal rows wins
+    assert torch.allclose(
+        nearest_distance(q, bank, budget=budget), torch.cdist(q, bank).min(1).values, atol=1e-4
+    )
+    assert max_cosine(q[:0], bank).shape == (0,) and topk_cosine(q[:0], bank, 1)[1].shape == (0, 1)
+
+
+@pytest.mark.parametrize("dim", [33, 152, 768])  # FPFH-, lite- and DINO-wide features
 def test_max_cosine_equals_the_top_1_search_at_feature_widths(dim):
     torch.manual_seed(5)
     q, bank = torch.randn(200, dim), torch.randn(500, dim)
