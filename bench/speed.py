@@ -493,6 +493,7 @@ def run(args) -> dict:
                 res, rss = _run(job_search, size, dim, 512 if q else 4096, args.device)
                 entries.append(res)
         results["search"] = entries
+        results["search_date"] = time.strftime("%Y-%m-%d")
         _save(path, results)
     if "dagster" in args.sections:
         print("[dagster] ...", flush=True)
@@ -675,7 +676,9 @@ def summarise(results: dict, out: Path) -> str:
             "maxima and indices): max only (bank novelty, plausibility) and top-1 with its "
             "index. Top-3 is the retriever's candidate search. Best of 3 runs (1 for 500k "
             "rows). Memory: the bank itself and the process's peak RSS (similarity blocks "
-            "never exceed 256 MiB).",
+            "never exceed 256 MiB). Measured "
+            + results.get("search_date", "with the other sections")
+            + " (a section run alone keeps the others' numbers: compare within a table).",
             "",
             "| bank rows | dim | bank MiB | top-1 first | max, rows | max, now | top-1 now "
             "| top-3 | peak RSS MiB |",
