@@ -116,16 +116,22 @@ def no_regression(
     if live is None or not live.metrics or not new:
         reason = "first deployment" if live is None else "no metrics to compare"
         return dg.AssetCheckResult(passed=True, metadata={"reason": reason})
+    tolerance = settings.tolerance
+    if not (math.isfinite(tolerance) and tolerance >= 0):  # NaN would pass every candidate
+        return dg.AssetCheckResult(
+            passed=False,
+            metadata={"reason": f"tolerance must be a finite number >= 0, got {tolerance!r}"},
+        )
     worse = []
     for name, get in (
         ("image_auroc", lambda m: m["image_auroc"]),
         ("aupro@0.3", lambda m: m["aupro"]["0.3"]),
     ):
         old, cur = float(get(live.metrics)), float(get(new))
-        if not math.isnan(old) and cur < old - settings.tolerance:
-            worse.append(
-                f"{name} {cur:.3f} < deployed v{live.version} {old:.3f} - {settings.tolerance}"
-            )
+        if math.isnan(cur) and not math.isnan(old):
+            worse.append(f"{name} is not a number (deployed v{live.version} {old:.3f})")
+        elif not math.isnan(old) and cur < old - tolerance:
+            worse.append(f"{name} {cur:.3f} < deployed v{live.version} {old:.3f} - {tolerance}")
     return dg.AssetCheckResult(
         passed=not worse,
         metadata={

@@ -1,6 +1,7 @@
 """The one place that wires assets, checks, jobs, sensors, schedules and resources."""
 
 import json
+import math
 import os
 
 import dagster as dg
@@ -54,6 +55,18 @@ def env_settings() -> dict:
     return value
 
 
+def _env_seconds(name: str) -> float:
+    """A number of seconds >= 0 from the environment variable ``name`` (0 when unset)."""
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = float(raw or 0)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{name} must be a number of seconds >= 0, got {raw!r}")
+    return value
+
+
 def default_resources(**settings) -> dict:
     """Resources from the environment: CFR_LANDING, CFR_DATASET_ROOT, CFR_STORE, CFR_REGISTRY_URL,
     CFR_DEVICE (cpu, cuda, cuda:N: where features are extracted and mappers trained),
@@ -68,7 +81,7 @@ def default_resources(**settings) -> dict:
     store = CFRStore(
         root=os.environ.get("CFR_STORE", ""),
         registry_url=os.environ.get("CFR_REGISTRY_URL", ""),
-        lock_wait_seconds=float(os.environ.get("CFR_LOCK_WAIT", "0") or 0),
+        lock_wait_seconds=_env_seconds("CFR_LOCK_WAIT"),
     )
     return {
         "data": CFRData(

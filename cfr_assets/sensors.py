@@ -57,6 +57,10 @@ def landing_sensor(
         except (CFRError, OSError) as exc:  # this category only
             notes.append(f"{folder}: {exc}")
             continue
+        except Exception as exc:  # a bug on one odd file must not stop every category
+            context.log.exception(f"{folder}: the landing scan failed")
+            notes.append(f"{folder}: the landing scan failed ({type(exc).__name__}: {exc})")
+            continue
         if not fresh:
             continue
         busy = _in_flight(context.instance, category, INGEST_TAG)

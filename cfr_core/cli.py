@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from cfr_core.cli_types import FiniteFloatRange
 from cfr_core.errors import CFRError
 
 DEFAULT_HOME = Path(os.environ.get("DAGSTER_HOME", "dagster_home"))
@@ -82,7 +83,7 @@ def data() -> None:
     "--min-valid",
     default=0.01,
     show_default=True,
-    type=click.FloatRange(0, 1),
+    type=FiniteFloatRange(0, 1),
     help="Smallest share of measured points a usable point cloud must have.",
 )
 @click.option("--strict", is_flag=True, help="Also exit non-zero on warnings.")

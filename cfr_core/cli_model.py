@@ -12,6 +12,7 @@ import click
 import numpy as np
 
 from cfr_core.cli import DEFAULT_HOME, _fail_cleanly, _progress, main
+from cfr_core.cli_types import FiniteFloat, FiniteFloatRange
 from cfr_core.config import (
     DEFAULT_EXTRACTORS,
     DEFAULT_METHOD,
@@ -137,7 +138,7 @@ def load_checked(model_dir: Path):
 )
 @click.option(
     "--theta",
-    type=float,
+    type=FiniteFloat(),
     help="Replacement threshold θ. Default: calibrated from the shots, except the paper "
     "extractors' 0.4 (Eyecandies: 0.2).",
 )
@@ -149,7 +150,7 @@ def load_checked(model_dir: Path):
 )
 @click.option(
     "--target-false-reject",
-    type=click.FloatRange(0.0, 0.5, min_open=True, max_open=True),
+    type=FiniteFloatRange(0.0, 0.5, min_open=True, max_open=True),
     help="Share of good parts the line's threshold may reject (default "
     f"{ScoringConfig().target_false_reject:g}). Set on the good scans the model did not fit "
     "on; when they are too few for the target, the threshold is the highest score x (1 + "

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from cfr_core.cli import DEFAULT_HOME, _fail_cleanly, main
+from cfr_core.cli_types import FiniteFloatRange
 from cfr_core.paths import check_content_id, check_name
 
 
@@ -32,9 +33,18 @@ def _registry(home: Path, url: str | None):
 
 def _library(home: Path, store: Path | None):
     from cfr_core.data.landing import ShotLibrary
+    from cfr_core.errors import DataError
 
     root = store or (Path(os.environ["CFR_STORE"]) if os.environ.get("CFR_STORE") else None)
-    return ShotLibrary((root or home / "artifacts") / "shots")
+    base = root or home / "artifacts"
+    if not base.is_dir():  # a mistyped --home / --store is not an empty library
+        raise DataError(
+            "no artifact store here",
+            base,
+            "pass the Dagster home that the pipeline used (--home or DAGSTER_HOME) or its "
+            "--store, or run `cfr demo` / `cfr pipeline run` first",
+        )
+    return ShotLibrary(base / "shots")
 
 
 HOME_OPTION = click.option(
@@ -318,7 +328,7 @@ def pipeline() -> None:
 @click.option("--grid", type=click.IntRange(8), help="Feature grid (default 224).")
 @click.option(
     "--tolerance",
-    type=click.FloatRange(0),
+    type=FiniteFloatRange(0),
     help="How much worse (I-AUROC, AUPRO@30%) than the deployed model the candidate may be "
     "(default 0.02).",
 )
@@ -326,7 +336,7 @@ def pipeline() -> None:
     "--wait",
     default=0.0,
     show_default=True,
-    type=click.FloatRange(0),
+    type=FiniteFloatRange(0),
     help="Seconds to wait for the category lock when another run holds it.",
 )
 @click.option("--ingest-only", is_flag=True, help="Only ingest new landing scans (cfr_ingest_job).")

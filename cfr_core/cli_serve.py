@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from cfr_core.cli import DEFAULT_HOME, _fail_cleanly, main
+from cfr_core.cli_types import FiniteFloatRange
 
 
 @main.command("serve")
@@ -36,7 +37,7 @@ from cfr_core.cli import DEFAULT_HOME, _fail_cleanly, main
     "--poll",
     default=10.0,
     show_default=True,
-    type=click.FloatRange(0),
+    type=FiniteFloatRange(0, 86400),
     help="Seconds between registry checks for new deployments (0: never; registry mode).",
 )
 @_fail_cleanly

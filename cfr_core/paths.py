@@ -26,7 +26,7 @@ def is_safe_name(name: str) -> bool:
     return (
         isinstance(name, str)
         and len(name) <= MAX_NAME
-        and bool(_SAFE_NAME.match(name))
+        and bool(_SAFE_NAME.fullmatch(name))
         and ".." not in name
     )
 
@@ -44,7 +44,7 @@ def check_name(name: str, what: str = "category") -> str:
 
 def check_content_id(content_id: str) -> str:
     """A shot library id: 20 lowercase hex digits (what `cfr shots quarantine` lists)."""
-    if not isinstance(content_id, str) or not _CONTENT_ID.match(content_id):
+    if not isinstance(content_id, str) or not _CONTENT_ID.fullmatch(content_id):
         raise UnsafePathError(
             f"{content_id!r} is not a scan id",
             fix="ids are 20 hex digits; list them with `cfr shots quarantine`",

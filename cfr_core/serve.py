@@ -250,6 +250,13 @@ def score_upload(
         )
     except DataError as exc:
         raise ServiceError(422, str(exc)) from exc
+    except Exception as exc:  # the model, not the part: one JSON line, never a bare 500
+        log.error(f"{category}: scoring failed ({type(exc).__name__}: {exc})")
+        raise ServiceError(
+            500,
+            f"the {category} model could not score this part ({type(exc).__name__}: {exc}); "
+            "audit the deployment with `cfr audit`",
+        ) from exc
     out = {
         "category": category,
         "version": live.version,
@@ -364,17 +371,16 @@ def create_app(holder: ModelHolder, line_log=None, poll_seconds: float = 0.0) ->
 
     @app.get("/healthz")
     def healthz():
-        ok = bool(holder.live)
-        body = {"status": "ok" if ok else "no model loaded", "models": len(holder.live)}
-        return JSONResponse(status_code=200 if ok else 503, content=body)
+        live, _ = holder.snapshot()
+        body = {"status": "ok" if live else "no model loaded", "models": len(live)}
+        return JSONResponse(status_code=200 if live else 503, content=body)
 
     @app.get("/v1/models")
     def models():
+        live, refused = holder.snapshot()  # copies: the poll thread may change both
         return {
-            "models": [
-                m.describe() for m in sorted(holder.live.values(), key=lambda m: m.category)
-            ],
-            "refused": holder.refused,
+            "models": [m.describe() for m in sorted(live.values(), key=lambda m: m.category)],
+            "refused": refused,
         }
 
     @app.post("/v1/categories/{category}/score")

@@ -1272,3 +1272,152 @@ def test_audit_recompute_proves_a_deployment_against_a_clean_recomputation(home)
         back = ["registry", "rollback", "dome", str(live.version), "--home", str(home)]
         assert runner.invoke(main, back).exit_code == 0
     assert runner.invoke(main, recompute).exit_code == 0
+
+
+# ---- second hostile pass (issue 24, "go looking for the same classes elsewhere")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.update({"bank.keys": t["bank.keys"][:5].clone()}), "pairs are lost"),
+        (lambda t: t.update({"bank.rgb": t["bank.rgb"].int()}), "bank.rgb is torch.int32"),
+        (lambda t: t.update({"bank.rgb": t["bank.rgb"][:, :3].clone()}), "expected (rows > 0,"),
+        (lambda t: t.update({"bank.rgb": t["bank.rgb"][:0].clone()}), "expected (rows > 0,"),
+        (lambda t: t["bank.keys"].__setitem__((0, 0), float("nan")), "NaN or infinite"),
+        (lambda t: t.pop("norm.rgb_std"), "norm.rgb_std is missing"),
+        (lambda t: t.update({"norm.rgb_std": -t["norm.rgb_std"]}), "values <= 0"),
+    ],
+)
+def test_weights_that_would_score_wrongly_do_not_load(home, tmp_path, edit, message):
+    """Banks, standardisation and their dtypes are checked against model.json when the
+    folder loads (a forger recomputes the manifest), not discovered while scoring."""
+    from safetensors.torch import load_file, save_file
+
+    model = load_model(registry_of(home).deployed("dome").model_path)
+    save_model(model, tmp_path / "m")
+    weights = tmp_path / "m" / "weights.safetensors"
+    tensors = load_file(str(weights))
+    edit(tensors)
+    save_file(tensors, str(weights), metadata={"format": "cfr-model/1"})
+    _rehash(tmp_path / "m")
+    with pytest.raises(ArtifactError, match=re.escape(message)):
+        load_model(tmp_path / "m")
+
+
+def test_huge_widths_in_model_json_are_refused_before_anything_is_built(home, tmp_path):
+    folder = _edited_copy(
+        registry_of(home).deployed("dome").model_path,
+        tmp_path / "m",
+        lambda meta: meta["dims"].update(points=65536),  # 4 G mapper weights if built
+    )
+    started = time.perf_counter()
+    with pytest.raises(ArtifactError, match="the widths in model.json"):
+        load_model(folder)
+    assert time.perf_counter() - started < 20  # refused from shapes, not after allocating
+
+
+def _rehash(folder: Path) -> None:
+    from cfr_core.data.io import sha256_file
+    from cfr_core.io.artifacts import MANIFEST, content_hash
+
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"] = {name: sha256_file(folder / name) for name in manifest["files"]}
+    manifest["content_hash"] = content_hash(manifest["files"])
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_empty_clouds_get_one_line_everywhere(tmp_path):
+    import tifffile
+
+    from cfr_core.data.io import read_xyz
+    from cfr_core.data.validate import check_xyz_values
+    from cfr_core.errors import DataError
+
+    path = tmp_path / "e.tiff"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tifffile warns that it writes a zero-size array
+        tifffile.imwrite(path, np.zeros((0, 0, 3), np.float32))
+    with pytest.raises(DataError, match=r"unusable shape \(0, 0, 3\)"):
+        read_xyz(path)
+    problems = check_xyz_values(np.zeros((0, 5, 3), np.float32), path, 0.01)
+    assert [p.reason for p in problems] == ["the cloud has no point (shape (0, 5, 3))"]
+
+
+def test_colour_palette_and_alpha_masks_mark_only_the_defect(tmp_path):
+    from PIL import Image
+
+    from cfr_core.data.io import read_mask
+
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[..., 3] = 255  # opaque black background
+    rgba[5:15, 5:15, :3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    assert int(read_mask(tmp_path / "rgba.png").sum()) == 100
+    la = np.zeros((40, 40, 2), np.uint8)
+    la[..., 1] = 255
+    la[0:4, 0:5, 0] = 200
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    assert int(read_mask(tmp_path / "la.png").sum()) == 20
+    pal = Image.new("P", (40, 40), 1)
+    pal.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)  # index 1 is black: no defect
+    pal.save(tmp_path / "pal.png")
+    assert int(read_mask(tmp_path / "pal.png").sum()) == 0
+
+
+def test_a_name_with_a_final_newline_is_not_safe():
+    from cfr_core.paths import is_safe_name
+
+    assert is_safe_name("dome") and not is_safe_name("dome\n") and not is_safe_name("a\nb")
+
+
+def test_a_mostly_dropped_cloud_gets_no_verdict(home, tmp_path, synth_root):
+    """`cfr score` (and the service, which shares score_arrays) refuse what the landing
+    folder and `cfr data check` refuse: a cloud with under 1 % measured points."""
+    sample = index_category(synth_root, "dome").split("test")[0]
+    xyz = np.zeros((96, 96, 3), np.float32)
+    xyz[:9, :9] = 0.3  # 81 of 9,216 points
+    write_xyz(tmp_path / "sparse.tiff", xyz)
+    model_dir = registry_of(home).deployed("dome").model_path
+    result = CliRunner().invoke(
+        main, ["score", "--model", model_dir, str(sample.rgb_path), str(tmp_path / "sparse.tiff")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "only 0.88% of points are valid (minimum 1.00%)" in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["data", "check", ".", "--min-valid", "nan"],
+        ["pipeline", "run", "dome", "--tolerance", "nan"],
+        ["pipeline", "run", "dome", "--wait", "inf"],
+        ["fit", ".", "-c", "dome", "--theta", "nan"],
+        ["serve", "--poll", "1e300"],
+    ],
+)
+def test_non_finite_numbers_are_refused_by_the_cli(args):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert "not a finite number" in result.output or "is not in the range" in result.output
+
+
+def test_a_lock_wait_that_is_not_a_number_is_refused(monkeypatch):
+    from cfr_assets.definitions import _env_seconds
+    from cfr_core.errors import ConfigError
+
+    monkeypatch.setenv("CFR_LOCK_WAIT", "abc")
+    with pytest.raises(ConfigError, match="CFR_LOCK_WAIT must be a number of seconds"):
+        _env_seconds("CFR_LOCK_WAIT")
+    monkeypatch.setenv("CFR_LOCK_WAIT", "nan")
+    with pytest.raises(ConfigError):
+        _env_seconds("CFR_LOCK_WAIT")
+    monkeypatch.setenv("CFR_LOCK_WAIT", "2.5")
+    assert _env_seconds("CFR_LOCK_WAIT") == 2.5
+
+
+def test_a_mistyped_home_is_not_an_empty_shot_library(tmp_path):
+    for command in (["shots", "list"], ["shots", "quarantine"]):
+        result = CliRunner().invoke(main, [*command, "--home", str(tmp_path / "typo")])
+        assert result.exit_code == 2
+        assert "no artifact store here" in result.output and "empty" not in result.output

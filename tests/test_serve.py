@@ -103,3 +103,40 @@ def test_one_category_failing_in_any_way_never_stops_the_others(holder):
         "answering"
     ]
     assert set(holder.snapshot()[0]) == {"ribbed"}
+
+
+def test_a_model_that_fails_while_scoring_answers_one_json_line(holder, monkeypatch, tmp_path):
+    """Not the part's fault (a DataError is a 422): the service still answers JSON, names
+    the category and points at the audit."""
+    import io
+
+    import numpy as np
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    import cfr_core.engine.score
+    from cfr_core.data.io import write_xyz
+    from cfr_core.serve import create_app
+
+    holder.refresh()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(cfr_core.engine.score, "score_arrays", broken)
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(png, format="PNG")
+    write_xyz(tmp_path / "a.tiff", np.full((40, 40, 3), 0.3, np.float32))
+    client = TestClient(create_app(holder))
+    r = client.post(
+        "/v1/categories/dome/score",
+        files={
+            "rgb": ("a.png", png.getvalue()),
+            "xyz": ("a.tiff", (tmp_path / "a.tiff").read_bytes()),
+        },
+    )
+    assert r.status_code == 500
+    assert r.json() == {
+        "error": "the dome model could not score this part (RuntimeError: mat1 and mat2 "
+        "shapes cannot be multiplied); audit the deployment with `cfr audit`"
+    }

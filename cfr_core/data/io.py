@@ -205,8 +205,14 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """Read a ground-truth mask PNG as a bool H×W array (any value > 0 is defect)."""
-    arr = np.asarray(load_image(path, "ground-truth mask", "re-export the mask as PNG"))
+    """Read a ground-truth mask PNG as a bool H×W array (any value > 0 is defect).
+
+    Colour, palette and alpha masks are read by their grey level: a palette index or an
+    opaque alpha channel is not a defect."""
+    img = load_image(path, "ground-truth mask", "re-export the mask as PNG")
+    if img.mode in ("RGBA", "LA", "P", "PA"):
+        img = img.convert("RGBA").convert("RGB")  # the colours, without their opacity
+    arr = np.asarray(img)
     if arr.ndim == 3:
         arr = arr.max(axis=2)
     if arr.ndim != 2:
@@ -272,6 +278,8 @@ def read_xyz(path: str | Path) -> np.ndarray:
     arr = np.asarray(arr)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise DataError(f"point cloud has shape {arr.shape}; expected H×W×3", path)
+    if arr.shape[0] < 2 or arr.shape[1] < 2:
+        raise DataError(f"point cloud has unusable shape {arr.shape}; expected H×W×3", path)
     if not np.issubdtype(arr.dtype, np.floating):
         raise DataError(f"point cloud has dtype {arr.dtype}; expected float32 metres", path)
     # the reach is read before the cast: a float64 coordinate beyond float32's range

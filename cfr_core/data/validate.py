@@ -56,8 +56,10 @@ def _load(reader: Callable, path: Path, problems: list[Problem]):
 def check_xyz_values(xyz: np.ndarray, path: Path, min_valid_fraction: float) -> list[Problem]:
     """Problems in the values of a decoded cloud: NaN/inf, too few measured points."""
     problems: list[Problem] = []
-    finite = np.isfinite(xyz)
     n_pix = xyz.shape[0] * xyz.shape[1]
+    if n_pix == 0:
+        return [Problem(path, ERROR, f"the cloud has no point (shape {xyz.shape})")]
+    finite = np.isfinite(xyz)
     n_nonfinite = int((~finite.all(axis=2)).sum())
     valid = valid_mask(xyz)
     frac = float(valid.sum()) / n_pix

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from cfr_core.data.prepare import PreparedScan, prepare_arrays
+from cfr_core.data.validate import DEFAULT_MIN_VALID_FRACTION, ERROR, check_xyz_values
 from cfr_core.engine.features import FeatureSet, features_of_scans
 from cfr_core.engine.infer import infer
 from cfr_core.engine.model import FittedModel
@@ -51,6 +53,11 @@ def score_arrays(
             f"RGB is {rgb.shape[1]}×{rgb.shape[0]} but the cloud is {xyz.shape[1]}×{xyz.shape[0]}",
             source or None,
         )
+    # the landing folder's and `cfr data check`'s test of the cloud's values: a scan the
+    # scanner mostly dropped gets no verdict
+    for problem in check_xyz_values(xyz, Path(source or "xyz"), DEFAULT_MIN_VALID_FRACTION):
+        if problem.severity == ERROR:
+            raise DataError(problem.reason, source or None)
     try:
         scan = prepare_arrays(
             rgb, xyz, None, model.config.preprocess, key=source, surface=gate_maps

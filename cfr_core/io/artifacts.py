@@ -41,7 +41,12 @@ from cfr_core.engine.gate import LibraryGate
 from cfr_core.engine.model import FittedModel, ShotRecord
 from cfr_core.engine.normalize import FeatureNorm
 from cfr_core.errors import CFRError, DataError, finite_number
-from cfr_core.io.model_schema import ModelFieldError, check_method_tensors, check_model_fields
+from cfr_core.io.model_schema import (
+    ModelFieldError,
+    check_method_tensors,
+    check_model_fields,
+    check_weights,
+)
 from cfr_core.memory.bank import Banks
 from cfr_core.models.mappers import CrossModalMappers
 from cfr_core.models.retriever import AttentionRetriever
@@ -285,6 +290,7 @@ def model_from_parts(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
                 f"threshold {model.threshold!r} differs from its calibration's "
                 f"{model.calibration.threshold!r}"
             )
+    check_weights(config, model.dims, tensors)  # before any module is built from them
     model.norm = FeatureNorm.from_tensors(tensors)
     mapper_state = _sub(tensors, "mappers.")
     if mapper_state:

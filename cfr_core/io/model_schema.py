@@ -149,11 +149,81 @@ def check_method_tensors(config, names) -> None:
             )
 
 
+def _expected_shapes(module_factory) -> dict[str, tuple[int, ...]]:
+    """The state's tensor shapes of a module, built on the meta device (no memory, so huge
+    dims in an edited model.json cost nothing before they are refused)."""
+    import torch
+
+    with torch.device("meta"):
+        module = module_factory()
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def check_weights(config, dims: dict[str, int], tensors: dict) -> None:
+    """Refuse weights that would load but score wrongly or crash: a method tensor that is
+    not float32 or not finite, mappers or retriever of other widths than ``dims``, banks of
+    the wrong width or without rows, key and value banks of different lengths, and a
+    missing or unusable standardisation. Raises ValueError naming the tensor."""
+    import torch
+
+    from cfr_core.models.mappers import CrossModalMappers
+    from cfr_core.models.retriever import AttentionRetriever
+
+    rgb, pts = dims["rgb"], dims["points"]
+    for name, t in tensors.items():
+        if name.split(".")[0] in ("mappers", "retriever", "bank", "norm"):
+            if t.dtype != torch.float32:
+                raise ValueError(f"tensor {name} is {t.dtype}; expected float32")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"tensor {name} holds NaN or infinite values")
+    expected: dict[str, tuple[int, ...]] = {}
+    if any(n.startswith("mappers.") for n in tensors):
+        made = _expected_shapes(lambda: CrossModalMappers(rgb, pts, config.mappers))
+        expected.update({f"mappers.{k}": v for k, v in made.items()})
+    if any(n.startswith("retriever.") for n in tensors):
+        r = config.retriever
+        made = _expected_shapes(lambda: AttentionRetriever(pts, rgb, r.d_model, r.top_k))
+        expected.update({f"retriever.{k}": v for k, v in made.items()})
+    for name, want in expected.items():
+        if name in tensors and tuple(tensors[name].shape) != want:
+            raise ValueError(
+                f"tensor {name} has shape {tuple(tensors[name].shape)}, the widths in "
+                f"model.json (rgb {rgb}, points {pts}) need {want}"
+            )
+    widths = {"bank.rgb": rgb, "bank.keys": pts, "bank.values": rgb, "bank.joint": rgb + pts}
+    for name, width in widths.items():
+        if name in tensors:
+            shape = tuple(tensors[name].shape)
+            if len(shape) != 2 or shape[1] != width or shape[0] == 0:
+                raise ValueError(f"tensor {name} has shape {shape}; expected (rows > 0, {width})")
+    if "bank.keys" in tensors and "bank.values" in tensors:
+        k, v = tensors["bank.keys"].shape[0], tensors["bank.values"].shape[0]
+        if k != v:
+            raise ValueError(f"the key bank has {k} rows but the value bank {v}: pairs are lost")
+    norm = {
+        n: tensors.get(f"norm.{n}") for n in ("rgb_mean", "rgb_std", "points_mean", "points_std")
+    }
+    present = [n for n, t in norm.items() if t is not None]
+    if config.extractors.standardized and len(present) < len(norm):
+        missing = [f"norm.{n}" for n, t in norm.items() if t is None]
+        raise ValueError(f"the config standardises features but {', '.join(missing)} is missing")
+    if present and len(present) < len(norm):
+        raise ValueError(f"the standardisation is incomplete (only {', '.join(present)})")
+    for n, t in norm.items():
+        if t is not None:
+            width = rgb if n.startswith("rgb") else pts
+            if tuple(t.shape) != (width,):
+                raise ValueError(f"tensor norm.{n} has shape {tuple(t.shape)}; expected ({width},)")
+            if n.endswith("std") and not bool((t > 0).all()):
+                raise ValueError(f"tensor norm.{n} has values <= 0")
+
+
 __all__ = [
     "FIELDS",
     "THETA_RANGE",
     "ModelFieldError",
     "check_method_tensors",
     "check_model_fields",
+    "check_weights",
     "required_tensors",
 ]
