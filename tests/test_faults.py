@@ -817,17 +817,13 @@ def _edited_copy(model_path: str, out: Path, edit) -> Path:
     recomputed to match (what a forger with write access does)."""
     import shutil
 
-    from cfr_core.data.io import sha256_file
-    from cfr_core.io.artifacts import MANIFEST, MODEL_JSON, content_hash
+    from cfr_core.io.artifacts import MODEL_JSON
 
     shutil.copytree(model_path, out)
     meta = json.loads((out / MODEL_JSON).read_text())
     edit(meta)
     (out / MODEL_JSON).write_text(json.dumps(meta))
-    manifest = json.loads((out / MANIFEST).read_text())
-    manifest["files"] = {name: sha256_file(out / name) for name in manifest["files"]}
-    manifest["content_hash"] = content_hash(manifest["files"])
-    (out / MANIFEST).write_text(json.dumps(manifest))
+    _rehash(out)
     return out
 
 
