@@ -127,6 +127,13 @@ def main() -> None:
     )
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="a folder with the serve.json of an earlier run on this machine the same day "
+        "(e.g. of another commit), shown as a row beside this one",
+    )
+    p.add_argument("--baseline-label", default="before", help="what the baseline row was")
     args = p.parse_args()
 
     data = args.data or bench_data()
@@ -241,6 +248,22 @@ def main() -> None:
         + " | ".join(f"{v:.0f}" for v in result["hot_path_ms"].values())
         + f" | {sum(result['hot_path_ms'].values()):.0f} |",
     ]
+    if args.baseline:
+        base = json.loads((args.baseline / "serve.json").read_text())
+        lines += [
+            "",
+            f"Beside it, the same bench run earlier on this machine ({base['date']}): "
+            f"{args.baseline_label}. Compare these two rows, not runs of other days.",
+            "",
+            "| run | p50 per part | p95 per part | parts/s, 2 clients | hot path total (ms) |",
+            "|---|---|---|---|---|",
+        ]
+        for label, r in ((args.baseline_label, base), ("this run", result)):
+            lines.append(
+                f"| {label} | {r['p50_ms']:.0f} ms | {r['p95_ms']:.0f} ms | "
+                f"{r['parts_per_s_concurrent']:.2f} | {sum(r['hot_path_ms'].values()):.0f} |"
+            )
+        result["baseline"] = {"label": args.baseline_label, **base}
     if mismatches:
         lines += ["", "Verdicts that differ from `cfr evaluate`:", ""] + [
             f"- {m}" for m in mismatches
