@@ -101,8 +101,11 @@ def data_check(
     sizes agree, and that each cloud has enough valid (finite, non-zero) points.
     Exits 1 when any error is found (any warning too, with --strict).
     """
+    from cfr_core.data.io import check_output_file
     from cfr_core.data.validate import check_category, list_categories
 
+    if json_out is not None:
+        check_output_file(json_out)  # before the whole dataset is read, not after
     cats = list(categories) or list_categories(root)
     reports = []
     for cat in cats:

@@ -1417,3 +1417,25 @@ def test_a_mistyped_home_is_not_an_empty_shot_library(tmp_path):
         result = CliRunner().invoke(main, [*command, "--home", str(tmp_path / "typo")])
         assert result.exit_code == 2
         assert "no artifact store here" in result.output and "empty" not in result.output
+
+
+def test_preprocessing_a_tree_applies_the_minimum_scan_size(tmp_path):
+    from cfr_core.data.preprocess_tree import preprocess_tree
+    from cfr_core.errors import DataError
+
+    for split in ("train", "test"):
+        good = tmp_path / "data" / "tiny" / split / "good"
+        write_rgb(good / "rgb" / "000.png", np.full((24, 24, 3), 100, np.uint8))
+        write_xyz(good / "xyz" / "000.tiff", np.full((24, 24, 3), 0.5, np.float32))
+    with pytest.raises(DataError, match=r"scan is 24×24 pixels; at least 32×32") as caught:
+        preprocess_tree(tmp_path / "data", tmp_path / "out")
+    assert caught.value.path.name == "000.tiff"
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_check_refuses_a_json_target_that_is_a_folder_before_checking(synth_root, tmp_path):
+    (tmp_path / "report").mkdir()
+    args = ["data", "check", str(synth_root), "--json", str(tmp_path / "report")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "checking" not in result.output and "report" in result.output

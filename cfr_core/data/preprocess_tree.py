@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from cfr_core.data.io import atomic_folder, write_mask, write_rgb, write_xyz
+from cfr_core.data.io import atomic_folder, check_scan_size, write_mask, write_rgb, write_xyz
 from cfr_core.data.mvtec import index_category, list_categories
 from cfr_core.data.pointcloud import PreprocessConfig, pad_to_square, preprocess
 from cfr_core.errors import DataError, DatasetLayoutError
@@ -47,6 +47,7 @@ def preprocess_tree(
         for n, sample in enumerate(samples):
             rgb, xyz, mask = sample.load()
             try:
+                check_scan_size(*xyz.shape[:2], None)  # the minimum every other door applies
                 result = preprocess(xyz, rgb, cfg)
             except DataError as exc:
                 raise DataError(exc.reason, sample.xyz_path, exc.fix) from exc
