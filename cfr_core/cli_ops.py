@@ -21,13 +21,16 @@ def _registry(home: Path, url: str | None):
     from cfr_core.registry import BankRegistry, default_url
 
     url = url or os.environ.get("CFR_REGISTRY_URL") or default_url(home)
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-        raise DataError(
-            "no bank registry here",
-            url.removeprefix("sqlite:///"),
-            "pass the Dagster home that the pipeline used (--home or DAGSTER_HOME), "
-            "or run `cfr demo` / `cfr pipeline run` first",
-        )
+    fix = (
+        "pass the Dagster home that the pipeline used (--home or DAGSTER_HOME), "
+        "or run `cfr demo` / `cfr pipeline run` first"
+    )
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise DataError("no bank registry here", path, fix)
+        if path.stat().st_size == 0:  # opening it would write a new registry into it
+            raise DataError("an empty file, not a bank registry", path, fix)
     return BankRegistry(url)
 
 

@@ -1439,3 +1439,11 @@ def test_data_check_refuses_a_json_target_that_is_a_folder_before_checking(synth
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     assert "checking" not in result.output and "report" in result.output
+
+
+def test_listing_an_empty_file_as_registry_writes_nothing(tmp_path):
+    empty = tmp_path / "afile"
+    empty.touch()
+    result = CliRunner().invoke(main, ["registry", "list", "--registry-url", f"sqlite:///{empty}"])
+    assert result.exit_code == 2 and "an empty file, not a bank registry" in result.output
+    assert empty.stat().st_size == 0
