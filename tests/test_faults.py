@@ -902,7 +902,7 @@ def test_fit_refuses_what_it_cannot_do_before_it_starts(synth_root, tmp_path):
     inside = runner.invoke(main, [*base, "--out", str(synth_root / "dome" / "model")])
     assert inside.exit_code == 2 and "lies inside the dataset" in inside.output
     nan = runner.invoke(main, [*base, "--theta", "nan", "--out", str(tmp_path / "m")])
-    assert nan.exit_code == 2 and "theta must be a finite number" in nan.output
+    assert nan.exit_code == 2 and "'nan' is not a finite number" in nan.output
     for result in (many, inside, nan):
         assert "fitting" not in result.output and "Traceback" not in result.output
     assert not (synth_root / "dome" / "model").exists() and not (tmp_path / "m").exists()
@@ -1388,7 +1388,7 @@ def test_a_mostly_dropped_cloud_gets_no_verdict(home, tmp_path, synth_root):
         ["data", "check", ".", "--min-valid", "nan"],
         ["pipeline", "run", "dome", "--tolerance", "nan"],
         ["pipeline", "run", "dome", "--wait", "inf"],
-        ["fit", ".", "-c", "dome", "--theta", "nan"],
+        ["fit", "--data", ".", "-c", "dome", "--theta", "nan"],
         ["serve", "--poll", "1e300"],
     ],
 )
