@@ -305,10 +305,23 @@ def record_or_refuse(line_log, row) -> None:
 MAX_BODY_BYTES = 2 * MAX_UPLOAD_BYTES + 1024 * 1024
 
 
-def create_app(holder: ModelHolder, line_log=None, poll_seconds: float = 0.0) -> FastAPI:
+#: parts decoded and scored at once: on 2 cores more only share the CPU, and each holds
+#: its decoded scan (up to the pixel cap); the others wait their turn
+MAX_CONCURRENT_SCORING = 2
+
+
+def create_app(
+    holder: ModelHolder,
+    line_log=None,
+    poll_seconds: float = 0.0,
+    max_concurrent: int = MAX_CONCURRENT_SCORING,
+) -> FastAPI:
     """The FastAPI application. With ``poll_seconds`` > 0 a background thread refreshes the
-    holder from the registry that often (new deployments are audited, then swapped in)."""
+    holder from the registry that often (new deployments are audited, then swapped in). At
+    most ``max_concurrent`` parts are decoded and scored at once, so that many small uploads
+    that decode large cannot exhaust memory together."""
     stop = threading.Event()
+    scoring_slots = threading.BoundedSemaphore(max_concurrent)
 
     def poll() -> None:
         while not stop.wait(poll_seconds):
@@ -392,15 +405,16 @@ def create_app(holder: ModelHolder, line_log=None, poll_seconds: float = 0.0) ->
     ):
         rgb_bytes = rgb.file.read(MAX_UPLOAD_BYTES + 1)
         xyz_bytes = xyz.file.read(MAX_UPLOAD_BYTES + 1)
-        return score_upload(
-            holder,
-            category,
-            rgb_bytes,
-            rgb.filename or "",
-            xyz_bytes,
-            xyz.filename or "",
-            heatmap,
-            line_log,
-        )
+        with scoring_slots:
+            return score_upload(
+                holder,
+                category,
+                rgb_bytes,
+                rgb.filename or "",
+                xyz_bytes,
+                xyz.filename or "",
+                heatmap,
+                line_log,
+            )
 
     return app

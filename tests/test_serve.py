@@ -140,3 +140,39 @@ def test_a_model_that_fails_while_scoring_answers_one_json_line(holder, monkeypa
         "error": "the dome model could not score this part (RuntimeError: mat1 and mat2 "
         "shapes cannot be multiplied); audit the deployment with `cfr audit`"
     }
+
+
+def test_at_most_two_parts_are_decoded_and_scored_at_once(holder, monkeypatch):
+    """Small uploads can decode large (a compressed cloud of zeros): however many requests
+    arrive together, only two hold a decoded scan; the others wait their turn and are
+    answered."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    import cfr_core.serve
+    from cfr_core.serve import create_app
+
+    holder.refresh()
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def slow(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.3)
+        with lock:
+            running[0] -= 1
+        return {"verdict": "PASS"}
+
+    monkeypatch.setattr(cfr_core.serve, "score_upload", slow)
+    client = TestClient(create_app(holder))
+    files = {"rgb": ("a.png", b"x"), "xyz": ("a.tiff", b"y")}
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(
+            pool.map(lambda _: client.post("/v1/categories/dome/score", files=files), range(6))
+        )
+    assert [a.status_code for a in answers] == [200] * 6
+    assert peak[0] == 2
